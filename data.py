@@ -1,0 +1,269 @@
+"""The DCASE Task 2 data sets, 2020-2025: one table of the years, file-name parsing, clip listing
+and the organisers' ground-truth tables for the anonymised evaluation clips.
+
+`YEARS` is the single source of truth: machine types (dev and eval), their machine IDs (2020) or
+sections (2021+), the test folders, the machine types whose attributes are hidden
+(`noAttribute`), the Zenodo records of each part and each year's default system. Everything
+else (the CLI, run_all.sh, the synthetic data) reads it.
+
+On disk, one layout for every year, exactly as the organisers' archives unpack below it:
+
+    <data-root>/dcase<YEAR>/dev_data/<machine>/train/...      development set
+    <data-root>/dcase<YEAR>/eval_data/<machine>/train/...     additional training data
+    <data-root>/dcase<YEAR>/eval_data/<machine>/test/...      evaluation set (anonymised names)
+    <data-root>/dcase<YEAR>/eval_data/ground_truth_*/...      the organisers' label tables
+
+2021 has `source_test/` and `target_test/` in place of `test/`; 2025 adds `supplemental/`.
+Facts follow the organisers' task pages and their baseline repositories (nttcslab).
+"""
+import csv
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_DATA_ROOT = Path("data")
+DOMAINS = ("source", "target")
+LABELS = ("normal", "anomaly", "unknown")
+
+
+class DataError(ValueError):
+    """A data set, folder or file name that asd cannot use; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Year:
+    year: int
+    dev: dict            # machine type -> sections (2020: machine IDs) of the development set
+    eval: dict           # machine type -> sections of the evaluation set
+    test_dirs: tuple     # folders below <machine>/ that hold test clips
+    records: dict        # part ("dev", "train", "eval") -> Zenodo record id
+    system: str          # the year's default system (its seed paper; "ae" until that is built)
+    no_attribute: frozenset = field(default_factory=frozenset)  # attributes hidden in names
+    extra_dirs: tuple = ()   # further clip folders (2025: supplemental/)
+
+    @property
+    def machines(self):
+        return sorted(set(self.dev) | set(self.eval), key=str.lower)
+
+    def sections(self, machine, part):
+        table = self.dev if part == "dev" else self.eval
+        if machine not in table:
+            valid = ", ".join(sorted(table, key=str.lower))
+            raise DataError(f"unknown machine '{machine}' for the {self.year} {part} set; "
+                            f"valid: {valid}")
+        return table[machine]
+
+
+def _same(machines, sections):
+    return {m: tuple(sections) for m in machines}
+
+
+_MIMII_2020 = {m: ("00", "02", "04", "06") for m in ("fan", "pump", "slider", "valve")}
+_MIMII_2020_EVAL = {m: ("01", "03", "05") for m in ("fan", "pump", "slider", "valve")}
+_DEV_2022 = ("bearing", "fan", "gearbox", "slider", "ToyCar", "ToyTrain", "valve")
+
+YEARS = {
+    2020: Year(2020,
+               dev={**_MIMII_2020, "ToyCar": ("01", "02", "03", "04"),
+                    "ToyConveyor": ("01", "02", "03")},
+               eval={**_MIMII_2020_EVAL, "ToyCar": ("05", "06", "07"),
+                     "ToyConveyor": ("04", "05", "06")},
+               test_dirs=("test",),
+               records={"dev": 3678171, "train": 3727685, "eval": 3841772},
+               system="ae"),
+    2021: Year(2021,
+               dev=_same(("fan", "gearbox", "pump", "slider", "ToyCar", "ToyTrain", "valve"),
+                         ("00", "01", "02")),
+               eval=_same(("fan", "gearbox", "pump", "slider", "ToyCar", "ToyTrain", "valve"),
+                          ("03", "04", "05")),
+               test_dirs=("source_test", "target_test"),
+               records={"dev": 4562016, "train": 4660992, "eval": 4884786},
+               system="ae"),
+    2022: Year(2022, dev=_same(_DEV_2022, ("00", "01", "02")),
+               eval=_same(_DEV_2022, ("03", "04", "05")), test_dirs=("test",),
+               records={"dev": 6355122, "train": 6462969, "eval": 6586456},
+               system="ae"),
+    2023: Year(2023, dev=_same(_DEV_2022, ("00",)),
+               eval=_same(("bandsaw", "grinder", "shaker", "ToyDrone", "ToyNscale", "ToyTank",
+                           "Vacuum"), ("00",)),
+               test_dirs=("test",),
+               records={"dev": 7882613, "train": 7830345, "eval": 7860847},
+               system="ae"),
+    2024: Year(2024, dev=_same(_DEV_2022, ("00",)),
+               eval=_same(("3DPrinter", "AirCompressor", "BrushlessMotor", "HairDryer",
+                           "HoveringDrone", "RoboticArm", "Scanner", "ToothBrush",
+                           "ToyCircuit"), ("00",)),
+               test_dirs=("test",),
+               records={"dev": 10902294, "train": 11259435, "eval": 11363076},
+               system="ae",
+               no_attribute=frozenset({"gearbox", "slider", "ToyTrain", "AirCompressor",
+                                       "BrushlessMotor", "HoveringDrone", "ToothBrush"})),
+    2025: Year(2025, dev=_same(_DEV_2022, ("00",)),
+               eval=_same(("AutoTrash", "BandSealer", "CoffeeGrinder", "HomeCamera",
+                           "Polisher", "ScrewFeeder", "ToyPet", "ToyRCCar"), ("00",)),
+               test_dirs=("test",),
+               records={"dev": 15097779, "train": 15392814, "eval": 15519362},
+               system="ae",
+               no_attribute=frozenset({"bearing", "slider", "ToyTrain", "AutoTrash",
+                                       "Polisher", "ScrewFeeder", "ToyPet"}),
+               extra_dirs=("supplemental",)),
+}
+
+
+def get_year(year):
+    if year not in YEARS:
+        raise DataError(f"unknown year {year}; valid: {', '.join(map(str, YEARS))}")
+    return YEARS[year]
+
+
+# File names. Each pattern is one year family's official naming; `describe` is what an error
+# shows when a name matches none of them.
+NAME_PATTERNS = {
+    2020: [re.compile(r"^(?P<label>normal|anomaly)_id_(?P<section>\d\d)_(?P<index>\d{8})\.wav$"),
+           re.compile(r"^id_(?P<section>\d\d)_(?P<index>\d{8})\.wav$")],  # eval, anonymised
+    2021: [re.compile(r"^section_(?P<section>\d\d)_(?P<domain>source|target)_"
+                      r"(?P<split>train|test)_(?P<label>normal|anomaly)_(?P<index>\d{4})"
+                      r"(?:_(?P<attributes>.+))?\.wav$"),
+           re.compile(r"^section_(?P<section>\d\d)_(?:(?P<domain>source|target)_test_)?"
+                      r"(?P<index>\d{4})\.wav$")],  # eval, anonymised
+    2025: [re.compile(r"^section_(?P<section>\d\d)_(?P<domain>source|target)_supplemental_"
+                      r"(?P<kind>[A-Za-z]+)_(?P<index>\d{4})(?:_(?P<attributes>.+))?\.wav$")],
+}
+DESCRIBE = {
+    2020: "normal_id_00_00000000.wav, anomaly_id_00_00000000.wav or (eval) id_05_00000000.wav",
+    2021: "section_00_source_train_normal_0000_<attributes>.wav or (eval) section_03_0000.wav",
+}
+
+
+@dataclass(frozen=True)
+class Clip:
+    path: Path
+    year: int
+    machine: str
+    section: str          # "00"; the 2020 machine ID goes here
+    domain: str | None    # "source", "target"; None where the name and folder do not say
+    split: str            # "train", "test" or "supplemental"
+    label: str            # "normal", "anomaly" or "unknown" (anonymised evaluation clips)
+    attributes: str = ""  # e.g. "car_C2_spd_34V_mic_1", "noAttribute"; "" where none
+    index: str = ""
+
+    @property
+    def name(self):
+        return self.path.name
+
+
+def parse_name(path, *, year, machine=None, split=None):
+    """Parse one clip's path into a `Clip`. The machine type defaults to the folder above the
+    split folder and the split to the folder holding the file, as in the organisers' archives."""
+    path = Path(path)
+    machine = machine or path.parent.parent.name
+    folder = split or path.parent.name
+    patterns = NAME_PATTERNS[2020] if year == 2020 else NAME_PATTERNS[2021] + NAME_PATTERNS[2025]
+    for pattern in patterns:
+        match = pattern.match(path.name)
+        if match:
+            return _clip_from_match(path, match.groupdict(), year, machine, folder)
+    expected = DESCRIBE[2020 if year == 2020 else 2021]
+    raise DataError(f"{path}: not a DCASE {year} clip name; expected {expected}")
+
+
+def _clip_from_match(path, g, year, machine, folder):
+    domain = g.get("domain")
+    if domain is None and folder in ("source_test", "target_test"):
+        domain = folder.split("_")[0]       # 2021 keeps the domain in the folder name
+    split = g.get("split") or ("supplemental" if "kind" in g else
+                               "train" if folder == "train" else "test")
+    label = g.get("label") or "unknown"
+    if split == "supplemental":
+        label = "normal" if g["kind"] == "normal" else "unknown"
+    return Clip(path=path, year=year, machine=machine, section=g["section"],
+                domain=None if year == 2020 else domain, split=split, label=label,
+                attributes=g.get("attributes") or "", index=g["index"])
+
+
+def part_dir(data_root, year, part):
+    """The folder that holds one part's machine folders: <root>/dcase<YEAR>/<part>_data."""
+    if part not in ("dev", "eval"):
+        raise DataError(f"unknown part '{part}'; valid: dev, eval")
+    return Path(data_root) / f"dcase{year}" / f"{part}_data"
+
+
+def list_clips(folder, *, year, machine, split):
+    """Every clip of one machine type and split below `folder` (a part folder), sorted, parsed.
+    split: "train", "test" (2021: both domain folders) or "supplemental"."""
+    subdirs = get_year(year).test_dirs if split == "test" else (split,)
+    clips = []
+    for sub in subdirs:
+        where = Path(folder) / machine / sub
+        if not where.is_dir():
+            raise DataError(f"{where}: folder not found; download the {year} data "
+                            f"(python asd.py download --year {year}) or point --data-root/"
+                            f"--data-dir at the folder that holds {machine}/")
+        found = sorted(where.glob("*.wav"))
+        if not found:
+            raise DataError(f"{where}: no *.wav files; the folder is empty or incomplete")
+        clips += [parse_name(p, year=year, machine=machine, split=sub) for p in found]
+    return clips
+
+
+# Ground truth of the anonymised evaluation clips, in the organisers' evaluator format (2021+):
+#   ground_truth_data/ground_truth_<m>_section_<XX>_test.csv         file,label (1 = anomaly)
+#   ground_truth_domain/ground_truth_<m>_section_<XX>_test.csv       file,domain (1 = target)
+#   ground_truth_attributes/ground_truth_<m>_section_<XX>_test.csv   file,full name (optional)
+def _read_table(path):
+    try:
+        with open(path, newline="") as f:
+            rows = [r for r in csv.reader(f) if r]
+    except FileNotFoundError:
+        raise DataError(f"{path}: ground-truth table not found; give --ground-truth DIR, the "
+                        f"folder holding ground_truth_data/ (the organisers' evaluator tables)")
+    for i, row in enumerate(rows, 1):
+        if len(row) < 2:
+            raise DataError(f"{path}:{i}: expected 'file,value', got {row!r}")
+    return {r[0]: r[1] for r in rows}
+
+
+def read_ground_truth(gt_dir, *, machine, section):
+    """Labels and domains of one section's anonymised test clips: {file: (label, domain, attrs)}."""
+    stem = f"ground_truth_{machine}_section_{section}_test.csv"
+    labels = _read_table(Path(gt_dir) / "ground_truth_data" / stem)
+    domains = _read_table(Path(gt_dir) / "ground_truth_domain" / stem)
+    attr_path = Path(gt_dir) / "ground_truth_attributes" / stem
+    attrs = _read_table(attr_path) if attr_path.exists() else {}
+    truth = {}
+    for name, label in labels.items():
+        if name not in domains:
+            raise DataError(f"{Path(gt_dir) / 'ground_truth_domain' / stem}: no row for {name}")
+        if label not in ("0", "1") or domains[name] not in ("0", "1"):
+            raise DataError(f"{Path(gt_dir) / 'ground_truth_data' / stem}: {name} has label "
+                            f"{label!r} / domain {domains[name]!r}; expected 0 or 1")
+        full = attrs.get(name, "")
+        truth[name] = ("anomaly" if label == "1" else "normal",
+                       "target" if domains[name] == "1" else "source",
+                       _attributes_of(full))
+    return truth
+
+
+def _attributes_of(full_name):
+    """The attribute string of an attribute-table name such as
+    'section_00_source_normal_0035_weight15_BckgF' (no split word there) -> 'weight15_BckgF'."""
+    match = re.match(r"^section_\d\d_(?:source|target)_(?:test_)?(?:normal|anomaly)_\d{4}_?(.*?)"
+                     r"(?:\.wav)?$", full_name)
+    return match.group(1) if match else ""
+
+
+def label_eval_clips(clips, gt_dir):
+    """Fill in label, domain and attributes of anonymised test clips from the ground truth;
+    a clip with no row there is an error naming it (it would otherwise vanish from the score)."""
+    tables, labelled = {}, []
+    for clip in clips:
+        key = (clip.machine, clip.section)
+        if key not in tables:
+            tables[key] = read_ground_truth(gt_dir, machine=clip.machine, section=clip.section)
+        if clip.name not in tables[key]:
+            raise DataError(f"{clip.path}: no row in the ground truth of {clip.machine} "
+                            f"section {clip.section} under {gt_dir}")
+        label, domain, attrs = tables[key][clip.name]
+        labelled.append(Clip(clip.path, clip.year, clip.machine, clip.section, domain,
+                             clip.split, label, attrs, clip.index))
+    return labelled

@@ -1,0 +1,149 @@
+"""Small synthetic DCASE data sets, written with a year's exact folders and file names.
+
+A machine sound here is a harmonic hum whose pitch depends on the machine ID or section, plus
+coloured broadband noise and periodic events whose kind depends on the machine type (clicks,
+bursts, a sweep). The target domain shifts the speed (pitch and event rate) and raises the
+noise. An anomaly is one of: an added high tone, random impulses, or one harmonic grown
+strong. Everything is seeded: the same arguments write the same bytes.
+
+Not modelled: reverberation, microphone colouring, the real machines' spectra. The point is a
+data set where a working detector must score near 1 and a broken one near 0.5.
+"""
+import zlib
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+import data
+
+SR = 16000              # Hz
+SECONDS = 2.0           # clip length; real clips are 6-12 s
+EVENTS = {"clicks": 0, "bursts": 1, "sweep": 2}
+TARGET_SPEED = 1.12     # target domain: 12% faster
+TARGET_NOISE_DB = 6.0   # and 6 dB more noise
+
+
+def machine_sound(rng, *, kind, f0, speed=1.0, noise_db=-30.0, anomaly=None, seconds=SECONDS):
+    """One clip of machine-like sound, float32 in [-1, 1]. shape = (seconds * SR,)"""
+    t = np.arange(int(seconds * SR)) / SR
+    f = f0 * speed
+    gains = 1.0 / np.arange(1, 7)                          # six harmonics, falling 6 dB/oct
+    if anomaly == "harmonic":
+        gains[rng.integers(2, 6)] = 1.2                     # one upper harmonic grown strong
+    x = sum(g * np.sin(2 * np.pi * f * (k + 1) * t + rng.uniform(0, 2 * np.pi))
+            for k, g in enumerate(gains))
+    x = x * (1 + 0.2 * np.sin(2 * np.pi * 0.7 * speed * t))   # slow load variation
+    x += _events(rng, kind, t, speed)
+    noise = np.cumsum(rng.standard_normal(t.size)) * 0.02     # brown-ish: machine rumble
+    noise = noise - np.convolve(noise, np.ones(64) / 64, mode="same")
+    x += 10 ** (noise_db / 20) * (rng.standard_normal(t.size) + 3 * noise)
+    if anomaly == "tone":
+        x += 0.25 * np.sin(2 * np.pi * rng.uniform(3000, 5000) * t)
+    elif anomaly == "impulses":
+        for start in rng.integers(0, t.size - 64, size=12):
+            x[start:start + 64] += rng.standard_normal(64) * 1.5
+    return (0.25 * x / np.max(np.abs(x))).astype(np.float32)
+
+
+def _events(rng, kind, t, speed):
+    """The machine type's periodic events: valve-like clicks, pump-like bursts, slider sweeps."""
+    period = {0: 0.25, 1: 0.5, 2: 1.0}[EVENTS[kind]] / speed   # seconds
+    phase = (t + rng.uniform(0, period)) % period
+    if EVENTS[kind] == 0:
+        return 1.5 * np.exp(-phase * 400) * np.sin(2 * np.pi * 1800 * t)
+    if EVENTS[kind] == 1:
+        return 0.6 * (phase < 0.08 / speed) * rng.standard_normal(t.size)
+    return 0.5 * np.sin(2 * np.pi * (400 + 600 * phase / period) * t)
+
+
+def machine_profile(machine, section):
+    """Pitch and event kind of one machine type and section, stable across runs."""
+    h = zlib.crc32(machine.encode())
+    kind = list(EVENTS)[h % 3]
+    f0 = (80 + (h % 7) * 15) * (1 + 0.1 * int(section))   # Hz; each section its own speed
+    return kind, float(f0)
+
+
+def clip_names(year, section, domain, split, label, i, attrs):
+    """The official file name of one clip of `year`."""
+    if year == 2020:
+        return f"{label}_id_{section}_{i:08d}.wav"
+    return f"section_{section}_{domain}_{split}_{label}_{i:04d}_{attrs}.wav"
+
+
+def write_clip(path, x):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.wav")
+    sf.write(tmp, x, SR, subtype="PCM_16")
+    tmp.replace(path)
+
+
+def synthesize(out, *, year, machines=None, n_train=20, n_test=10, seed=0, eval_part=True):
+    """Write a small data set for `year` below out/dcase<YEAR>/: dev_data and, for 2021+,
+    eval_data with anonymised test names and the organisers' ground-truth tables.
+    n_train: normal training clips per section (2021+: 1 in 10 of them target domain);
+    n_test: test clips per section, domain and label. Returns the number of files written."""
+    spec = data.get_year(year)
+    machines = machines or default_machines(year)
+    count = 0
+    for machine in machines:
+        for part in ("dev", "eval") if eval_part and year >= 2021 else ("dev",):
+            if machine not in (spec.dev if part == "dev" else spec.eval):
+                continue
+            for section in spec.sections(machine, part)[:2]:
+                rng = np.random.default_rng([seed, year, zlib.crc32(machine.encode()),
+                                             int(section), part == "eval"])
+                count += _write_section(out, rng, spec, machine, section, part, n_train, n_test)
+    return count
+
+
+def default_machines(year):
+    """Three machine types: shared by the dev and eval sets (2020-2022), else two dev and one
+    eval machine type (2023+, where the eval set has machine types of its own)."""
+    spec = data.get_year(year)
+    both = [m for m in spec.dev if m in spec.eval]
+    return both[:3] if both else list(spec.dev)[:2] + list(spec.eval)[:1]
+
+
+def _write_section(out, rng, spec, machine, section, part, n_train, n_test):
+    root = data.part_dir(out, spec.year, part) / machine
+    kind, f0 = machine_profile(machine, section)
+    attrs = "noAttribute" if machine in spec.no_attribute else None
+    if spec.year == 2020:                        # no domains: all source, as many test clips
+        plan = [("train", "source", "normal", i) for i in range(n_train)]
+        plan += [("test", "source", lab, i) for lab in ("normal", "anomaly")
+                 for i in range(2 * n_test)]
+    else:                                        # 1 in 10 training clips from the target domain
+        plan = [("train", "source" if i % 10 else "target", "normal", i) for i in range(n_train)]
+        plan += [("test", d, lab, i) for d in data.DOMAINS for lab in ("normal", "anomaly")
+                 for i in range(n_test)]
+    truth = []
+    for split, domain, label, i in plan:
+        target = domain == "target"
+        anomaly = rng.choice(["tone", "impulses", "harmonic"]) if label == "anomaly" else None
+        x = machine_sound(rng, kind=kind, f0=f0, speed=TARGET_SPEED if target else 1.0,
+                          noise_db=-30 + (TARGET_NOISE_DB if target else 0), anomaly=anomaly)
+        a = attrs or f"speed_{'B' if target else 'A'}"
+        name = clip_names(spec.year, section, domain, split, label, i, a)
+        folder = split if split == "train" or spec.year != 2021 else f"{domain}_test"
+        if part == "eval" and split == "test":
+            anon = f"section_{section}_{len(truth):04d}.wav"
+            truth.append((anon, label, domain, name))
+            name = anon
+        write_clip(root / folder / name, x)
+    if truth:
+        _write_ground_truth(root.parent, machine, section, truth)
+    return len(plan)
+
+
+def _write_ground_truth(eval_dir, machine, section, truth):
+    """The organisers' three tables for one section, as their evaluator reads them."""
+    stem = f"ground_truth_{machine}_section_{section}_test.csv"
+    columns = {"ground_truth_data": lambda r: "1" if r[1] == "anomaly" else "0",
+               "ground_truth_domain": lambda r: "1" if r[2] == "target" else "0",
+               "ground_truth_attributes": lambda r: r[3].replace("_test_", "_")[:-4]}
+    for folder, value in columns.items():
+        (eval_dir / folder).mkdir(parents=True, exist_ok=True)
+        lines = "".join(f"{r[0]},{value(r)}\n" for r in truth)
+        (eval_dir / folder / stem).write_text(lines)
