@@ -1,0 +1,402 @@
+"""asd: unsupervised anomalous sound detection, the DCASE Task 2 systems of 2020-2025.
+
+    python asd.py synth    --year 2020 --out data            a small synthetic data set
+    python asd.py train    --year 2020 --machine valve       train one machine type's model
+    python asd.py test     --year 2020 --machine valve       score its test clips (submission CSVs)
+    python asd.py evaluate --year 2020                       the year's official score
+    python asd.py demo                                        all of the above on synthetic data
+    python asd.py list machines --year 2024                   what the year table holds
+    python asd.py bench features                              our log-mel against librosa's
+
+Runs go to <out>/dcase<YEAR>/<system>/<part>/: models/<machine>/ (weights, threshold, the
+arguments), results/ (the CSVs in the year's submission names), results.json (the scores).
+One function per subcommand; errors in the data end the run with one line naming the file.
+"""
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+import scoring
+import synth
+import systems
+
+# --------------------------------------------------------------------------------------------
+# Runs: where outputs go, what is written beside them
+
+
+def run_dir(args):
+    return Path(args.out) / f"dcase{args.year}" / args.system / args.part
+
+
+def versions():
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "argv": sys.argv}
+
+
+def write_json(path, obj):
+    """Write JSON atomically: a temporary file in the same folder, then a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # needed for determinism on CUDA
+    torch.use_deterministic_algorithms(True)
+
+
+def pick_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available; use --device cpu")
+    return name
+
+
+def data_folder(args):
+    """The folder holding <machine>/ for the chosen part: --data-dir, else the standard layout."""
+    return Path(args.data_dir) if args.data_dir else data.part_dir(args.data_root, args.year,
+                                                                   args.part)
+
+
+def train_clips(args):
+    """Training clips: the part's train folder; for --part eval of 2020-2022, also the dev
+    set's training clips of the same machine type, as the baselines trained for evaluation."""
+    clips = data.list_clips(data_folder(args), year=args.year, machine=args.machine,
+                            split="train")
+    spec = data.get_year(args.year)
+    if args.part == "eval" and not args.data_dir and args.machine in spec.dev:
+        dev = data.part_dir(args.data_root, args.year, "dev")
+        clips = data.list_clips(dev, year=args.year, machine=args.machine, split="train") + clips
+    return clips
+
+
+def system_options(args, device):
+    """The options a system is built with: the common ones and its own flags (saved with it)."""
+    own = {name: getattr(args, name) for name in systems.get_system(args.system).options}
+    return dict(year=args.year, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                seed=args.seed, device=device, cache_dir=None if args.no_cache else args.cache_dir,
+                **own)
+
+
+# --------------------------------------------------------------------------------------------
+# train
+
+
+def cmd_train(args):
+    data.get_year(args.year).sections(args.machine, args.part)     # unknown machine: error now
+    model_dir = run_dir(args) / "models" / args.machine
+    if (model_dir / "model.pt").exists() and not args.force:
+        raise ValueError(f"{model_dir / 'model.pt'} exists; pass --force to train again")
+    if args.force and model_dir.exists():
+        shutil.rmtree(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    _check_resume(model_dir, args)
+    write_json(model_dir / "args.json", {**vars(args), **versions()})
+    device = pick_device(args.device)
+    clips = train_clips(args)
+    print(f"train {args.system} on {len(clips)} clips of {args.machine} ({args.year} "
+          f"{args.part}) on {device}")
+    system = systems.get_system(args.system)(**system_options(args, device))
+    t0 = time.time()
+    system.fit(clips, model_dir)
+    train_scores = system.score(clips)
+    threshold = scoring.gamma_threshold(train_scores, q=args.threshold_quantile)
+    systems.save_atomic({"system": args.system, "options": system_options(args, "cpu"),
+                         "state": system.state()}, model_dir / "model.pt")
+    write_json(model_dir / "threshold.json", {"threshold": threshold, "quantile":
+                                              args.threshold_quantile,
+                                              "train_scores": train_scores.tolist()})
+    (model_dir / "checkpoint.pt").unlink(missing_ok=True)
+    print(f"trained in {time.time() - t0:.1f} s; gamma threshold {threshold:.4g} -> {model_dir}")
+
+
+def _check_resume(model_dir, args):
+    """An interrupted run resumes only with the same arguments; else --force starts afresh."""
+    if not (model_dir / "checkpoint.pt").exists():
+        return
+    old = json.loads((model_dir / "args.json").read_text())
+    keys = ("system", "epochs", "batch_size", "lr", "seed", "year", "part",
+            *systems.get_system(args.system).options)
+    changed = [k for k in keys if old.get(k) != getattr(args, k)]
+    if changed:
+        raise ValueError(f"{model_dir}: an interrupted run with other {', '.join(changed)} is "
+                         f"there; pass --force to start again")
+
+
+# --------------------------------------------------------------------------------------------
+# test
+
+
+def load_model(model_dir, device, cache_dir):
+    path = Path(model_dir) / "model.pt"
+    if not path.exists():
+        raise ValueError(f"{path}: no trained model; run 'python asd.py train' first")
+    saved = torch.load(path, map_location=device, weights_only=False)
+    options = {**saved["options"], "device": device, "cache_dir": cache_dir}
+    system = systems.get_system(saved["system"])(**options)
+    system.load_state(saved["state"])
+    threshold = json.loads((Path(model_dir) / "threshold.json").read_text())["threshold"]
+    return system, threshold
+
+
+def cmd_test(args):
+    data.get_year(args.year).sections(args.machine, args.part)
+    clips = data.list_clips(data_folder(args), year=args.year, machine=args.machine,
+                            split="test")
+    groups = {}
+    for i, c in enumerate(clips):
+        domain = c.domain if args.year == 2021 else None
+        groups.setdefault((c.section, domain), []).append(i)
+    results = run_dir(args) / "results"
+    names = {key: [scoring.result_filename(args.year, kind, args.machine, key[0], key[1])
+                   for kind in ("anomaly_score", "decision_result")] for key in groups}
+    existing = [n for pair in names.values() for n in pair if (results / n).exists()]
+    if existing and not args.force:
+        raise ValueError(f"{results / existing[0]} exists; pass --force to overwrite")
+    device = pick_device(args.device)
+    system, threshold = load_model(run_dir(args) / "models" / args.machine, device,
+                                   None if args.no_cache else args.cache_dir)
+    scores = system.score(clips)            # every clip scored before anything is written
+    results.mkdir(parents=True, exist_ok=True)
+    for key, idx in sorted(groups.items()):
+        score_name, decision_name = names[key]
+        scoring.write_csv(results / score_name, [(clips[i].name, scores[i]) for i in idx])
+        scoring.write_csv(results / decision_name,
+                          [(clips[i].name, int(scores[i] > threshold)) for i in idx])
+    write_json(run_dir(args) / "logs" / f"test_{args.machine}.json", {**vars(args), **versions()})
+    print(f"scored {len(clips)} clips of {args.machine} -> {results}")
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate
+
+RESULT_NAME = re.compile(r"^anomaly_score_(?P<machine>.+?)_(?:id|section)_(?P<section>\d\d)"
+                         r"(?:_(?P<domain>source|target))?(?:_test)?\.csv$")
+
+
+def labelled_rows(args):
+    """One row per scored clip: machine, section, domain, label, score, decision."""
+    results = run_dir(args) / "results"
+    files = sorted(results.glob("anomaly_score_*.csv"))
+    if not files:
+        raise ValueError(f"{results}: no anomaly_score_*.csv; run 'python asd.py test' first")
+    rows = []
+    for path in files:
+        m = RESULT_NAME.match(path.name)
+        if not m:
+            raise ValueError(f"{path}: not a result file name of {args.year}")
+        truth = _truth(args, m["machine"], m["section"])
+        decisions = dict(scoring.read_csv(path.with_name(path.name.replace(
+            "anomaly_score", "decision_result"))))
+        for name, score in scoring.read_csv(path):
+            label, domain = truth(name)
+            rows.append({"machine": m["machine"], "section": m["section"], "domain": domain,
+                         "label": int(label == "anomaly"), "score": float(score),
+                         "decision": int(decisions[name])})
+    return rows
+
+
+def _truth(args, machine, section):
+    """A function from a test file name to (label, domain): from the name for the dev set,
+    from the organisers' ground-truth tables for the anonymised eval set."""
+    if args.part == "eval":
+        gt = Path(args.ground_truth) if args.ground_truth else data_folder(args)
+        table = data.read_ground_truth(gt, machine=machine, section=section)
+        return lambda name: table[name][:2]
+
+    def from_name(name):
+        clip = data.parse_name(Path(name), year=args.year, machine=machine, split="test")
+        return clip.label, clip.domain
+    return from_name
+
+
+def cmd_evaluate(args):
+    out = run_dir(args) / "results.json"
+    if out.exists() and not args.force:
+        raise ValueError(f"{out} exists; pass --force to overwrite")
+    result = scoring.official_score(args.year, labelled_rows(args))
+    table = scoring.format_table(result)
+    write_json(out, {**result, "args": {**vars(args), **versions()}})
+    (run_dir(args) / "results.txt").write_text(table + "\n")
+    print(table)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# synth, demo, list, bench
+
+
+def cmd_synth(args):
+    n = synth.synthesize(args.out, year=args.year, machines=args.machines or None,
+                         n_train=args.n_train, n_test=args.n_test, seed=args.seed)
+    print(f"wrote {n} clips of {args.year} below {Path(args.out) / f'dcase{args.year}'}")
+
+
+def cmd_demo(args):
+    """Synthesise a data set, then train, test and evaluate every machine type of it."""
+    root = Path(args.out)
+    synth.synthesize(root / "data", year=args.year, n_train=args.n_train, n_test=args.n_test,
+                     seed=args.seed)
+    base = dict(vars(args), data_root=str(root / "data"), out=str(root / "runs"), part="dev",
+                data_dir=None, cache_dir=str(root / "cache"))
+    for machine in synth.default_machines(args.year):
+        if machine not in data.get_year(args.year).dev:
+            continue
+        step = argparse.Namespace(**base, machine=machine)
+        cmd_train(step)
+        cmd_test(step)
+    return cmd_evaluate(argparse.Namespace(**base, ground_truth=None))
+
+
+def cmd_list(args):
+    if args.what == "years":
+        print("\n".join(map(str, data.YEARS)))
+    elif args.what == "systems":
+        for name, cls in systems.SYSTEMS.items():
+            print(f"{name:12s} {cls.description}")
+    else:
+        spec = data.get_year(args.year)
+        table = spec.dev if args.part == "dev" else spec.eval
+        for machine, sections in table.items():
+            print(machine if args.what == "machines" else f"{machine} {' '.join(sections)}")
+
+
+def cmd_bench(args):
+    import bench
+    bench.main(args.bench_args)
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments
+
+
+def add_run_flags(p):
+    """Flags that say which run: year, system, part and where data and outputs are."""
+    p.add_argument("--year", type=int, default=2020, help="DCASE year: file layout and metric")
+    p.add_argument("--system", default="auto",
+                   help=f"method ({', '.join(systems.SYSTEMS)}); auto: the year's default")
+    p.add_argument("--part", default="dev", choices=("dev", "eval"),
+                   help="development set (labels in the names) or evaluation set")
+    p.add_argument("--data-root", default=str(data.DEFAULT_DATA_ROOT),
+                   help="folder holding dcase<YEAR>/{dev,eval}_data/")
+    p.add_argument("--data-dir", default=None,
+                   help="the folder holding <machine>/ directly (overrides --data-root)")
+    p.add_argument("--out", default="runs", help="runs go to OUT/dcase<YEAR>/<system>/<part>/")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+
+
+def add_model_flags(p):
+    """Training flags: the common ones, then each system's own (a group per system)."""
+    p.add_argument("--epochs", type=int, default=None,
+                   help="training epochs; default: the system's paper (AE: 100)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="batch size; default: the system's paper (AE: 512 to 2022, 256 after)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate; default: the system's paper (AE: 1e-3)")
+    p.add_argument("--threshold-quantile", type=float, default=0.9,
+                   help="decision threshold: this quantile of a gamma fit to training scores")
+    for name, cls in systems.SYSTEMS.items():
+        cls.add_flags(p.add_argument_group(f"{name}: {cls.description}"))
+    add_compute_flags(p)
+
+
+def add_compute_flags(p):
+    p.add_argument("--seed", type=int, default=0, help="seed of every random generator")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: CUDA when available")
+    p.add_argument("--cache-dir", default="cache", help="where log-mel features are cached")
+    p.add_argument("--no-cache", action="store_true", help="do not cache features on disk")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="asd.py", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser("train", help="train one machine type's model", formatter_class=fmt)
+    add_run_flags(p), add_model_flags(p)
+    p.add_argument("--machine", required=True, help="machine type, e.g. valve")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("test", help="score the test clips; write the submission CSVs",
+                       formatter_class=fmt)
+    add_run_flags(p), add_compute_flags(p)
+    p.add_argument("--machine", required=True, help="machine type, e.g. valve")
+    p.set_defaults(func=cmd_test)
+    p = sub.add_parser("evaluate", help="official score from the result CSVs and the labels",
+                       formatter_class=fmt)
+    add_run_flags(p)
+    p.add_argument("--ground-truth", default=None,
+                   help="eval part: folder holding ground_truth_data/ (default: the data dir)")
+    p.set_defaults(func=cmd_evaluate)
+    add_data_parsers(sub, fmt)
+    return parser
+
+
+def add_data_parsers(sub, fmt):
+    p = sub.add_parser("synth", help="write a small synthetic data set", formatter_class=fmt)
+    p.add_argument("--year", type=int, default=2020, help="file layout of this DCASE year")
+    p.add_argument("--out", default=str(data.DEFAULT_DATA_ROOT), help="data root to write")
+    p.add_argument("--machines", nargs="*", default=None, help="machine types (default: 3)")
+    p.add_argument("--n-train", type=int, default=20, help="training clips per section")
+    p.add_argument("--n-test", type=int, default=10, help="test clips per section/domain/label")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generator")
+    p.set_defaults(func=cmd_synth)
+    p = sub.add_parser("demo", help="synthesise, train, test, evaluate (minutes, CPU)",
+                       formatter_class=fmt)
+    p.add_argument("--year", type=int, default=2022, help="DCASE year of the layout and metric")
+    p.add_argument("--system", default="auto", help="method; auto: the year's default")
+    p.add_argument("--out", default="demo", help="folder for the data, runs and cache")
+    p.add_argument("--force", action="store_true", help="overwrite an earlier demo's results")
+    p.add_argument("--n-train", type=int, default=20, help="training clips per section")
+    p.add_argument("--n-test", type=int, default=10, help="test clips per section/domain/label")
+    add_model_flags(p)
+    p.set_defaults(func=cmd_demo, epochs=30, batch_size=64)   # small data: more steps
+    p = sub.add_parser("list", help="years, systems, or a year's machines and sections",
+                       formatter_class=fmt)
+    p.add_argument("what", choices=("years", "systems", "machines", "sections"))
+    p.add_argument("--year", type=int, default=2020, help="DCASE year")
+    p.add_argument("--part", default="dev", choices=("dev", "eval"), help="dev or eval set")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("bench", help="benchmarks: 'features' (log-mel against librosa)",
+                       formatter_class=fmt)
+    p.add_argument("what", choices=("features",), help="what to measure")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of bench.py")
+    p.set_defaults(func=cmd_bench)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(None if argv is None else [str(a) for a in argv])
+    if getattr(args, "system", None) == "auto":
+        args.system = data.get_year(args.year).system
+    if hasattr(args, "seed"):
+        seed_everything(args.seed)
+    try:
+        args.func(args)
+    except (ValueError, OSError) as e:        # data, audio, scoring errors: one line, no trace
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

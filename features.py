@@ -1,0 +1,280 @@
+"""Sound to features: wav loading with loud errors, STFT, mel filterbank, log-mel, frame stacking.
+
+Follows the DCASE 2020-2025 Task 2 autoencoder baselines (librosa.feature.melspectrogram,
+then 20/power * log10), written out by hand in torch so that it batches over clips and runs
+on the GPU. The mel filterbank follows librosa.filters.mel (Slaney scale and area norm by
+default, HTK on request). The baselines changed twice between years (reflect -> zero centre
+padding with librosa 0.10, `S + eps` -> `max(S, eps)` in 2021): LOG_MEL_BY_YEAR records it.
+
+Agreement with librosa 0.11 in float32 (tests/test_features.py asserts the bounds): filterbank
+1e-7 relative (bound 1e-6); STFT 3e-7 of the largest magnitude (bound 1e-4); log-mel, every
+year's settings, below 1e-3 dB: 4e-5 dB on noise plus tones, 1.5e-4 dB on the real DCASE 2023
+dev clips, 6e-4 dB on the quieter DCASE 2024 RoboticArm clips. Float32 rounding grows in dB
+as a band nears digital silence, so quiet bands dominate these figures.
+
+Left out: resampling and down-mixing (a wrong rate or channel count is an error, not a
+silent fix), other windows than Hann, and data augmentation.
+"""
+
+import functools
+import math
+import struct
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+SR = 16000  # Hz, every DCASE Task 2 data set 2020-2025
+N_FFT = 1024  # samples, 64 ms window at 16 kHz
+HOP = 512  # samples, 32 ms between frames
+N_MELS = 128  # mel bands
+POWER = 2.0  # exponent on |STFT|: 2.0 is a power spectrogram
+N_FRAMES = 5  # consecutive frames stacked into one AE input vector (5 * 128 = 640 dims)
+EPS = sys.float_info.epsilon  # 2.2e-16, the baselines' log floor
+
+MEL_BREAK_HZ = 1000.0  # Hz, Slaney scale: linear below, logarithmic above
+MEL_LINEAR_HZ = 200.0 / 3  # Hz per mel below the break (Slaney)
+MEL_LOG_STEP = math.log(6.4) / 27.0  # natural-log frequency ratio per mel above the break
+
+LOG_MEL_BY_YEAR = {
+    2020: dict(pad_mode="reflect", floor="add"),  # librosa 0.7, 10*log10(S + eps)
+    2021: dict(pad_mode="reflect", floor="clip"),  # 10*log10(max(S, eps))
+    2022: dict(pad_mode="constant", floor="clip"),  # librosa >= 0.10 pads with zeros
+    2023: dict(pad_mode="constant", floor="clip"),
+    2024: dict(pad_mode="constant", floor="clip"),
+    2025: dict(pad_mode="constant", floor="clip"),
+}
+
+
+class AudioError(ValueError):
+    """A sound file asd cannot use; the one-line message starts with its path."""
+
+
+def _riff_problem(path: Path) -> str | None:
+    """Why a RIFF/WAVE file is truncated, or None (also for non-RIFF files: soundfile judges those)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        pos = 12
+        while pos + 8 <= size:
+            f.seek(pos)
+            chunk_id, chunk_size = struct.unpack("<4sI", f.read(8))
+            if chunk_id == b"data":
+                present = size - pos - 8
+                if chunk_size > present:
+                    return f"the data chunk declares {chunk_size} bytes but the file holds {present}"
+                return None
+            pos += 8 + chunk_size + (chunk_size & 1)  # chunks are padded to an even size
+    return "no data chunk before the end of the file"
+
+
+def load_wav(path, *, sr: int = SR) -> np.ndarray:
+    """Read a mono wav at `sr` Hz as float32 in [-1, 1]; raise AudioError naming the file otherwise.
+
+    libsndfile reads a truncated wav without complaint, so the RIFF chunk sizes are checked here.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise AudioError(f"{path}: no such file; check the path and the data folder given to asd")
+    if not path.is_file():
+        raise AudioError(f"{path}: not a regular file; pass the path of a wav file")
+    problem = _riff_problem(path)
+    if problem:
+        raise AudioError(f"{path}: truncated wav: {problem}; download or copy it again")
+    try:
+        with sf.SoundFile(path) as f:
+            n_channels, found_sr, n_samples = f.channels, f.samplerate, f.frames
+            x = f.read(dtype="float32", always_2d=True)  # (n_samples, channels)
+    except sf.LibsndfileError as err:
+        reason = " ".join(err.error_string.split())
+        raise AudioError(f"{path}: not a readable sound file ({reason}); "
+                         "asd reads mono 16-bit wav files: download or export it again") from err
+    if n_samples == 0 or x.size == 0:
+        raise AudioError(f"{path}: empty (0 samples); download it again or remove it")
+    if n_channels != 1:
+        raise AudioError(f"{path}: {n_channels} channels; asd reads mono 16-bit wav files: "
+                         "mix it down (e.g. sox in.wav -c 1 out.wav)")
+    if found_sr != sr:
+        raise AudioError(f"{path}: sample rate {found_sr} Hz, expected {sr} Hz; "
+                         f"resample it (e.g. sox in.wav -r {sr} out.wav)")
+    n_bad = int(np.size(x) - np.isfinite(x).sum())
+    if n_bad:
+        raise AudioError(f"{path}: {n_bad} NaN or Inf samples; the file is corrupt: "
+                         "download or export it again")
+    return x[:, 0]  # (n_samples,)
+
+
+def load_batch(paths, *, sr: int = SR) -> list[np.ndarray]:
+    """load_wav over many files; clips keep their own lengths."""
+    return [load_wav(p, sr=sr) for p in paths]  # [(n_samples,)] * len(paths)
+
+
+def _as_signal(x) -> torch.Tensor:
+    """x as a torch tensor of float samples, dtype and device kept (numpy arrays land on the CPU)."""
+    x = torch.as_tensor(x)
+    if not x.is_floating_point():
+        # integer PCM cast as it is would sit 90 dB above float audio in [-1, 1]
+        raise TypeError(f"expected float samples in [-1, 1], got {x.dtype}; read files with load_wav")
+    return x
+
+
+def _hann(n: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Periodic Hann window (scipy.signal.get_window('hann', n)), so overlapped frames sum flat."""
+    k = torch.arange(n, dtype=torch.float64, device=device)
+    return (0.5 - 0.5 * torch.cos(2 * math.pi * k / n)).to(dtype)  # (n,)
+
+
+def stft(x, *, n_fft: int, hop: int, center: bool = True, pad_mode: str = "constant",
+         window: str = "hann") -> torch.Tensor:
+    """Short-time Fourier transform as librosa.stft computes it (no torch.stft).
+
+    x: (..., n_samples) tensor or array. center=True pads n_fft // 2 samples on both sides so
+    that frame t is centred on sample t * hop; pad_mode "constant" pads zeros (librosa >= 0.10),
+    "reflect" mirrors the signal (librosa < 0.10). window: only "hann" (periodic).
+    Returns complex (..., n_fft // 2 + 1, n_frames), n_frames = 1 + (n_padded - n_fft) // hop.
+    """
+    if window != "hann":
+        raise ValueError(f"window {window!r} is not supported; valid: 'hann'")
+    if pad_mode not in ("constant", "reflect"):
+        raise ValueError(f"pad_mode {pad_mode!r} is not supported; valid: 'constant', 'reflect'")
+    x = _as_signal(x)
+    lead, n_samples = x.shape[:-1], x.shape[-1]
+    if center:
+        # centre padding, so that frame t is centred on sample t * hop as in librosa;
+        # F.pad's reflect mode wants (N, C, W), hence the reshape
+        pad = n_fft // 2
+        if pad_mode == "reflect" and n_samples <= pad:
+            raise ValueError(f"reflect padding needs more than {pad} samples, got {n_samples}")
+        x = torch.nn.functional.pad(x.reshape(-1, 1, n_samples), (pad, pad), mode=pad_mode)
+        x = x.reshape(*lead, n_samples + 2 * pad)  # (..., n_padded)
+    if x.shape[-1] < n_fft:
+        raise ValueError(f"signal of {n_samples} samples is shorter than one frame of {n_fft}")
+    frames = x.unfold(-1, n_fft, hop)  # (..., n_frames, n_fft), a view
+    frames = frames * _hann(n_fft, dtype=x.dtype, device=x.device)
+    return torch.fft.rfft(frames, dim=-1).transpose(-1, -2)  # (..., n_fft // 2 + 1, n_frames)
+
+
+def hz_to_mel(freqs, *, htk: bool = False) -> np.ndarray:
+    """Hz to mel: HTK 2595 * log10(1 + f / 700), or Slaney (linear below 1 kHz, log above)."""
+    f = np.asarray(freqs, dtype=np.float64)
+    if htk:
+        return 2595.0 * np.log10(1.0 + f / 700.0)
+    break_mel = MEL_BREAK_HZ / MEL_LINEAR_HZ
+    log_part = break_mel + np.log(np.maximum(f, MEL_BREAK_HZ) / MEL_BREAK_HZ) / MEL_LOG_STEP
+    return np.where(f >= MEL_BREAK_HZ, log_part, f / MEL_LINEAR_HZ)
+
+
+def mel_to_hz(mels, *, htk: bool = False) -> np.ndarray:
+    """Inverse of hz_to_mel."""
+    m = np.asarray(mels, dtype=np.float64)
+    if htk:
+        return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
+    break_mel = MEL_BREAK_HZ / MEL_LINEAR_HZ
+    log_part = MEL_BREAK_HZ * np.exp(MEL_LOG_STEP * (np.maximum(m, break_mel) - break_mel))
+    return np.where(m >= break_mel, log_part, m * MEL_LINEAR_HZ)
+
+
+def mel_filterbank(*, sr: int, n_fft: int, n_mels: int, fmin: float = 0.0, fmax: float | None = None,
+                   htk: bool = False, norm: str | None = "slaney", dtype=np.float32) -> np.ndarray:
+    """Triangular mel filters as librosa.filters.mel builds them.
+
+    sr > 0 Hz; n_fft > 0 samples; n_mels > 0 bands; 0 <= fmin < fmax <= sr / 2 Hz (fmax None
+    means sr / 2). htk picks the HTK mel scale instead of Slaney's. norm "slaney" divides each
+    triangle by its width in Hz (constant energy per band), None leaves peaks at 1.
+    Warns, as librosa does, when a filter falls between FFT bins and stays empty.
+    Returns (n_mels, n_fft // 2 + 1).
+    """
+    if norm not in ("slaney", None):
+        raise ValueError(f"norm {norm!r} is not supported; valid: 'slaney', None")
+    fmax = sr / 2 if fmax is None else fmax
+    fft_hz = np.fft.rfftfreq(n_fft, d=1.0 / sr)  # (n_bins,)
+    edges_hz = mel_to_hz(np.linspace(hz_to_mel(fmin, htk=htk), hz_to_mel(fmax, htk=htk), n_mels + 2),
+                         htk=htk)  # (n_mels + 2,) left edge, centre, right edge of each band
+    widths = np.diff(edges_hz)  # (n_mels + 1,)
+    ramps = edges_hz[:, None] - fft_hz[None, :]  # (n_mels + 2, n_bins)
+    rising = -ramps[:-2] / widths[:-1, None]
+    falling = ramps[2:] / widths[1:, None]
+    weights = np.maximum(0.0, np.minimum(rising, falling))  # (n_mels, n_bins)
+    if norm == "slaney":
+        weights *= (2.0 / (edges_hz[2:] - edges_hz[:-2]))[:, None]
+    if np.any((edges_hz[:-2] > 0) & (weights.max(axis=1) == 0)):
+        warnings.warn("Empty filters detected in mel frequency basis. Some channels will produce "
+                      "empty responses. Try increasing your sampling rate (and fmax) or reducing "
+                      "n_mels.", stacklevel=2)
+    return weights.astype(dtype)  # (n_mels, n_fft // 2 + 1)
+
+
+@functools.lru_cache(maxsize=16)
+def _mel_tensor(sr, n_fft, n_mels, fmin, fmax, dtype, device) -> torch.Tensor:
+    """mel_filterbank as a tensor, cached per settings, dtype and device (all in the key)."""
+    fb = mel_filterbank(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax, dtype=np.float64)
+    return torch.from_numpy(fb).to(dtype=dtype, device=device)  # (n_mels, n_bins)
+
+
+def log_mel(x, *, sr: int, n_fft: int, hop: int, n_mels: int, power: float = 2.0,
+            pad_mode: str = "constant", floor: str = "clip", fmin: float = 0.0,
+            fmax: float | None = None) -> torch.Tensor:
+    """Log-mel spectrogram in dB as the DCASE baselines compute it: 20 / power * log10(mel).
+
+    x: (..., n_samples) tensor or array, on any device. power 2.0 gives a power spectrogram.
+    floor "clip" is log10(max(S, eps)) (2021 on), "add" is log10(S + eps) (2020), eps = 2.2e-16.
+    Pick a year's settings with log_mel_settings(year). Returns (..., n_mels, n_frames).
+    """
+    if floor not in ("clip", "add"):
+        raise ValueError(f"floor {floor!r} is not supported; valid: 'clip', 'add'")
+    spec = stft(x, n_fft=n_fft, hop=hop, center=True, pad_mode=pad_mode)  # (..., n_bins, T)
+    # |X| ** power from re**2 + im**2: abs() would take a square root that power then undoes
+    spec_power = (spec.real.square() + spec.imag.square()) ** (power / 2)  # (..., n_bins, T)
+    fb = _mel_tensor(sr, n_fft, n_mels, fmin, fmax, spec_power.dtype, spec_power.device)
+    # filters applied frame by frame, (T, n_bins) @ (n_bins, n_mels), in the STFT's own memory
+    # order: one large matrix product, faster than fb @ spec_power on the transposed view
+    mel = (spec_power.mT @ fb.mT).mT.contiguous()  # (..., n_mels, T)
+    # the floor keeps silent frames finite; the baselines' eps is far below any real level
+    mel = mel.clamp(min=EPS) if floor == "clip" else mel + EPS
+    return 20.0 / power * torch.log10(mel)  # (..., n_mels, T)
+
+
+def log_mel_settings(year: int) -> dict:
+    """Every log_mel keyword of that year's official AE baseline: log_mel(x, **log_mel_settings(y))."""
+    if year not in LOG_MEL_BY_YEAR:
+        raise ValueError(f"no log-mel settings for year {year!r}; valid: {sorted(LOG_MEL_BY_YEAR)}")
+    return dict(sr=SR, n_fft=N_FFT, hop=HOP, n_mels=N_MELS, power=POWER, fmin=0.0, fmax=None,
+                **LOG_MEL_BY_YEAR[year])
+
+
+def stack_frames(logmel, *, n_frames: int = N_FRAMES) -> torch.Tensor:
+    """The AE baseline's input vectors: n_frames consecutive frames laid end to end.
+
+    logmel: (..., n_mels, T). vector[t, n_mels * j : n_mels * (j + 1)] = logmel[..., :, t + j].
+    Returns (..., T - n_frames + 1, n_mels * n_frames).
+    """
+    logmel = torch.as_tensor(logmel)
+    n_mels, n_time = logmel.shape[-2:]
+    if n_time < n_frames:
+        raise ValueError(f"{n_time} frames cannot be stacked by {n_frames}; the clip is too short")
+    windows = logmel.unfold(-1, n_frames, 1)  # (..., n_mels, n_vectors, n_frames)
+    windows = windows.movedim(-3, -1)  # (..., n_vectors, n_frames, n_mels), frame-major
+    return windows.reshape(*windows.shape[:-2], n_frames * n_mels)  # (..., n_vectors, n_frames * n_mels)
+
+
+def frame_windows(logmel, *, width: int = 64, hop: int = 32) -> torch.Tensor:
+    """Cut (..., n_mels, T) into windows of `width` frames every `hop` frames, for the CNNs.
+
+    Window w covers frames w * hop to w * hop + width - 1; a tail shorter than width is dropped.
+    Returns (..., n_windows, n_mels, width), n_windows = 1 + (T - width) // hop.
+    """
+    logmel = torch.as_tensor(logmel)
+    n_time = logmel.shape[-1]
+    if n_time < width:
+        raise ValueError(f"{n_time} frames are fewer than one window of {width}; the clip is too short")
+    return logmel.unfold(-1, width, hop).transpose(-3, -2)  # (..., n_windows, n_mels, width)
+
+
+def magnitude_spectrum(x) -> torch.Tensor:
+    """|rFFT| of the whole clip, no window: (..., n_samples) -> (..., n_samples // 2 + 1)."""
+    return torch.fft.rfft(_as_signal(x), dim=-1).abs()  # (..., n_samples // 2 + 1)
