@@ -278,3 +278,121 @@ def frame_windows(logmel, *, width: int = 64, hop: int = 32) -> torch.Tensor:
 def magnitude_spectrum(x) -> torch.Tensor:
     """|rFFT| of the whole clip, no window: (..., n_samples) -> (..., n_samples // 2 + 1)."""
     return torch.fft.rfft(_as_signal(x), dim=-1).abs()  # (..., n_samples // 2 + 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Spectrogram images (Shinmura 2020, section 4.1): librosa.stft(n_fft=512, hop_length=256) with
+# the reflect padding of librosa 0.7, amplitude_to_db, then resized to 224 x 224 as OpenCV's
+# cv2.resize does by default (bilinear, pixel centres at half steps, no anti-aliasing).
+
+AMIN = 1e-5      # amplitude floor of librosa.amplitude_to_db (-100 dB)
+TOP_DB = 80.0    # dB kept below the loudest bin of each clip
+
+
+def amplitude_to_db(spec, *, amin: float = AMIN, top_db: float | None = TOP_DB) -> torch.Tensor:
+    """20 * log10(max(amin, |S|)) with ref 1.0, limited to top_db below each clip's peak, as
+    librosa.amplitude_to_db. spec: (..., F, T) magnitudes. Returns (..., F, T) in dB."""
+    db = 20.0 * torch.log10(spec.clamp(min=amin))
+    if top_db is not None:
+        peak = db.amax(dim=(-2, -1), keepdim=True)       # per clip, as librosa per call
+        db = torch.maximum(db, peak - top_db)
+    return db
+
+
+def resize_image(img, *, size: int) -> torch.Tensor:
+    """Bilinear resize of (..., H, W) to (..., size, size), OpenCV's INTER_LINEAR convention."""
+    lead = img.shape[:-2]
+    flat = img.reshape(-1, 1, *img.shape[-2:])         # (N, 1, H, W) for interpolate
+    out = torch.nn.functional.interpolate(flat, size=(size, size), mode="bilinear",
+                                          align_corners=False, antialias=False)
+    return out.reshape(*lead, size, size)               # (..., size, size)
+
+
+def spectrogram_image(x, *, n_fft: int = 512, hop: int = 256, size: int = 224,
+                      pad_mode: str = "reflect") -> torch.Tensor:
+    """Shinmura 2020's network input before normalisation: the dB magnitude spectrogram resized
+    to a square image, low frequencies in row 0. x: (..., n_samples). Returns (..., size, size)."""
+    spec = stft(x, n_fft=n_fft, hop=hop, center=True, pad_mode=pad_mode).abs()  # (..., F, T)
+    return resize_image(amplitude_to_db(spec), size=size)
+
+
+# --------------------------------------------------------------------------------------------
+# Generated anomalies (Shinmura 2020, section 3.1, figure 3). Each takes dB spectrogram images
+# (B, F, T), low frequencies first, and a torch.Generator, and returns new images of the same
+# shape. Noise is added in the power domain, at a level drawn relative to each image's mean
+# power, so that it is heard over the machine rather than replacing it. Levels are our choice:
+# the paper shows the generated spectrograms but gives no numbers.
+
+NOISE_DB = (-10.0, 5.0)   # added noise power relative to the image's mean power, dB range
+LINE_DB = (5.0, 20.0)     # the slight line's level above the image's mean power, dB range
+
+
+def _uniform(gen, shape, low, high, like):
+    return low + (high - low) * torch.rand(shape, generator=gen).to(like.device, like.dtype)
+
+
+def _add_power(spec_db, noise_power):
+    """Add noise_power (linear, relative to each image's mean power) to dB images."""
+    power = 10.0 ** (spec_db / 10.0)
+    mean = power.mean(dim=(-2, -1), keepdim=True)
+    return 10.0 * torch.log10(power + mean * noise_power)
+
+
+def _noise_level(gen, spec_db):
+    return 10.0 ** (_uniform(gen, (len(spec_db), 1, 1), *NOISE_DB, spec_db) / 10.0)
+
+
+def white_noise(spec_db, gen) -> torch.Tensor:
+    """Noise of equal expected power in every frequency bin: disturbs the whole spectrum."""
+    fluct = torch.empty(spec_db.shape).exponential_(generator=gen).to(spec_db)  # noise power
+    return _add_power(spec_db, _noise_level(gen, spec_db) * fluct)
+
+
+def pink_noise(spec_db, gen) -> torch.Tensor:
+    """Noise whose power falls as 1/f across the rows: disturbs the low frequencies, where many
+    machines have their characteristic sound."""
+    n_freq = spec_db.shape[-2]
+    tilt = 1.0 / torch.arange(1, n_freq + 1, dtype=spec_db.dtype, device=spec_db.device)
+    tilt = (tilt * n_freq / tilt.sum())[:, None]        # (F, 1), mean 1 over the rows
+    fluct = torch.empty(spec_db.shape).exponential_(generator=gen).to(spec_db)
+    return _add_power(spec_db, _noise_level(gen, spec_db) * tilt * fluct)
+
+
+def slight_line(spec_db, gen) -> torch.Tensor:
+    """A thin line at one high frequency (upper half of the rows), switched on and off
+    periodically: the squeal of a dry bearing."""
+    b, n_freq, n_time = spec_db.shape
+    rows = torch.randint(n_freq // 2, n_freq - 1, (b,), generator=gen)
+    periods = torch.randint(4, max(5, n_time // 4), (b,), generator=gen)
+    out = spec_db.clone()
+    level = _uniform(gen, (b,), *LINE_DB, spec_db)
+    mean_db = 10.0 * torch.log10((10.0 ** (spec_db / 10.0)).mean(dim=(-2, -1)))  # (B,)
+    for i in range(b):
+        on = (torch.arange(n_time) % periods[i]) < (periods[i] + 1) // 2
+        line = torch.maximum(out[i, rows[i], on], mean_db[i] + level[i])
+        out[i, rows[i], on] = line
+    return out
+
+
+def average_hz(spec_db, gen=None) -> torch.Tensor:
+    """Each frequency row replaced by its mean over time: the spectrum stays, the machine's
+    rhythm in time is gone."""
+    return spec_db.mean(dim=-1, keepdim=True).expand_as(spec_db).clone()
+
+
+GENERATORS = {"white": white_noise, "pink": pink_noise, "line": slight_line,
+              "average": average_hz}
+
+
+def generate_anomalies(spec_db, gen, *, kinds=tuple(GENERATORS)) -> torch.Tensor:
+    """Apply one generator, drawn per image from `kinds`, to each image of (B, F, T)."""
+    unknown = [k for k in kinds if k not in GENERATORS]
+    if unknown or not kinds:
+        raise ValueError(f"unknown generators {unknown}; valid: {', '.join(GENERATORS)}")
+    pick = torch.randint(len(kinds), (len(spec_db),), generator=gen)
+    out = torch.empty_like(spec_db)
+    for k, name in enumerate(kinds):
+        idx = (pick == k).nonzero().flatten().to(spec_db.device)
+        if len(idx):
+            out[idx] = GENERATORS[name](spec_db[idx], gen)
+    return out

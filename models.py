@@ -2,9 +2,13 @@
 that use them. Training loops, scores and thresholds live in systems.py; this file holds only
 `nn.Module`s and their forward passes.
 
-Families: AE (the official DCASE baseline, 2020-2025).
+Families: AE (the official DCASE baseline, 2020-2025); MobileNetV2 (Sandler et al. 2018, as
+torchvision lays it out, with a 1-channel input); then the losses: ArcFace (Deng et al. 2019).
 """
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -33,3 +37,92 @@ class AutoEncoder(nn.Module):
 
     def forward(self, x):
         return self.decoder(self.encoder(x))  # (B, input_dim)
+
+
+# --------------------------------------------------------------------------------------------
+# MobileNetV2 (Sandler et al., "MobileNetV2: Inverted Residuals and Linear Bottlenecks", 2018)
+#
+# The layer table of the paper (table 2): a 3x3 stride-2 convolution to 32 channels, seventeen
+# inverted residual blocks, a 1x1 convolution to 1280 channels, global average pooling. The
+# width multiplier scales every channel count (rounded to a multiple of 8, as the reference
+# code does; the last layer never below 1280). One input channel: a spectrogram image. The
+# classifier is left out: the systems put their own heads (softmax, ArcFace) on the embedding.
+
+# (expansion t, output channels c, repeats n, first stride s), the paper's table 2
+MOBILENETV2_BLOCKS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+                      (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+
+
+def make_divisible(v, divisor=8):
+    """Round channels to a multiple of 8, never more than 10% below v (reference code)."""
+    rounded = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * v else rounded
+
+
+def conv_bn_relu6(n_in, n_out, kernel, stride=1, groups=1):
+    return nn.Sequential(nn.Conv2d(n_in, n_out, kernel, stride, kernel // 2, groups=groups,
+                                   bias=False), nn.BatchNorm2d(n_out), nn.ReLU6(inplace=True))
+
+
+class InvertedResidual(nn.Module):
+    """1x1 expansion, 3x3 depthwise, 1x1 linear projection; a skip when shapes allow."""
+
+    def __init__(self, n_in, n_out, stride, expansion):
+        super().__init__()
+        hidden = n_in * expansion
+        layers = [conv_bn_relu6(n_in, hidden, 1)] if expansion != 1 else []
+        layers += [conv_bn_relu6(hidden, hidden, 3, stride, groups=hidden),
+                   nn.Conv2d(hidden, n_out, 1, bias=False), nn.BatchNorm2d(n_out)]
+        self.block = nn.Sequential(*layers)
+        self.skip = stride == 1 and n_in == n_out
+
+    def forward(self, x):
+        return x + self.block(x) if self.skip else self.block(x)
+
+
+class MobileNetV2(nn.Module):
+    """(B, 1, H, W) images -> (B, embedding_dim) global-average-pooled features."""
+
+    def __init__(self, width=1.0, in_channels=1):
+        super().__init__()
+        n_in = make_divisible(32 * width)
+        layers = [conv_bn_relu6(in_channels, n_in, 3, stride=2)]
+        for t, c, n, s in MOBILENETV2_BLOCKS:
+            n_out = make_divisible(c * width)
+            for i in range(n):
+                layers.append(InvertedResidual(n_in, n_out, s if i == 0 else 1, t))
+                n_in = n_out
+        self.embedding_dim = make_divisible(1280 * max(1.0, width))
+        layers.append(conv_bn_relu6(n_in, self.embedding_dim, 1))
+        self.features = nn.Sequential(*layers)
+        for m in self.modules():                # the reference initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.features(x).mean(dim=(-2, -1))   # (B, embedding_dim), global average pool
+
+
+# --------------------------------------------------------------------------------------------
+# Losses: ArcFace (Deng et al., "ArcFace: Additive Angular Margin Loss", 2019, equation 3)
+#
+# logits_j = s * cos(theta_j + m * [j == y]), theta_j the angle between the normalised
+# embedding and the normalised class weight j; cross-entropy on these logits. Without labels
+# (at inference) the logits are s * cos(theta_j), no margin.
+
+class ArcFace(nn.Module):
+    def __init__(self, embedding_dim, n_classes, *, scale=30.0, margin=0.05):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_classes, embedding_dim))
+        nn.init.xavier_uniform_(self.weight)
+        self.scale, self.margin = scale, margin
+
+    def forward(self, x, labels=None):
+        cos = F.linear(F.normalize(x), F.normalize(self.weight))    # (B, n_classes)
+        if labels is None:
+            return self.scale * cos
+        theta = torch.acos(cos.clamp(-1 + 1e-7, 1 - 1e-7))
+        margin = self.margin * F.one_hot(labels, cos.shape[1]).to(cos.dtype)
+        return self.scale * torch.cos(theta + margin)                # (B, n_classes)
