@@ -1,0 +1,180 @@
+"""Shinmura 2020: MobileNetV2 against the paper's layer table, ArcFace against its formula, the
+generated anomalies doing what they claim, hard-sample selection, the input pipeline against
+librosa, and the whole system on synthetic 2020 data reaching an AUC bar."""
+import json
+import math
+
+import librosa
+import numpy as np
+import pytest
+import torch
+
+import asd
+import features
+import models
+import synth
+import systems
+
+
+def test_mobilenetv2_follows_the_layer_table():
+    net = models.MobileNetV2(width=1.0)
+    # torchvision's mobilenet_v2: 3,504,872 parameters; less its classifier (1280 * 1000 + 1000)
+    # and two of the three input channels of the first 3x3 convolution (2 * 32 * 9)
+    assert sum(p.numel() for p in net.parameters()) == 3_504_872 - 1_281_000 - 576
+    assert net.features(torch.zeros(1, 1, 224, 224)).shape == (1, 1280, 7, 7)   # stride 32
+    narrow = models.MobileNetV2(width=0.5)
+    assert narrow.features[0][0].out_channels == 16 and narrow.embedding_dim == 1280
+
+
+def test_mobilenetv2_forward_backward_learns_on_cpu():
+    torch.manual_seed(0)
+    net, head = models.MobileNetV2(width=0.25), torch.nn.Linear(1280, 2)
+    x = torch.randn(8, 1, 64, 64)
+    y = torch.tensor([0, 1] * 4)
+    x[y == 1] += 1.0                                     # a separable toy task
+    opt = torch.optim.Adam([*net.parameters(), *head.parameters()], lr=1e-3)
+    losses = []
+    for _ in range(15):
+        loss = torch.nn.functional.cross_entropy(head(net(x)), y)
+        opt.zero_grad()
+        loss.backward()
+        losses.append(loss.item())
+        opt.step()
+    grads = [p.grad for p in net.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_arcface_logits_equal_the_textbook_formula():
+    head = models.ArcFace(2, 2, scale=30.0, margin=0.05)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[2.0, 0.0], [0.0, 0.5]]))   # normalised inside
+    x = torch.tensor([[0.6, 0.8], [3.0, 0.0]])                      # |x| does not matter
+    logits = head(x, torch.tensor([0, 1]))
+    m, s = 0.05, 30.0
+    # cos(theta + m) = cos(theta) cos(m) - sin(theta) sin(m)
+    expected = [[s * (0.6 * math.cos(m) - 0.8 * math.sin(m)), s * 0.8],
+                [s * 1.0, s * (0.0 * math.cos(m) - 1.0 * math.sin(m))]]
+    assert torch.allclose(logits, torch.tensor(expected), atol=1e-4)
+    assert torch.allclose(head(x), s * torch.tensor([[0.6, 0.8], [1.0, 0.0]]), atol=1e-5)
+
+
+def images(seed=0, b=6, f=64, t=48):
+    """dB images with a machine-like structure: low-frequency hum, a rhythm in time."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.linspace(0, 1, f)[:, None]
+    rhythm = (torch.arange(t) % 8 < 2).float()[None, :]
+    return -60 + 30 * (1 - rows) + 15 * rhythm + torch.randn(b, f, t, generator=g)
+
+
+def added_power(before, after):
+    return (10 ** (after / 10) - 10 ** (before / 10)).mean(dim=(0, 2))      # (F,)
+
+
+def test_average_hz_is_constant_along_time_and_keeps_the_spectrum():
+    x = images()
+    out = features.average_hz(x)
+    assert torch.allclose(out, out[..., :1].expand_as(out))
+    assert torch.allclose(out.mean(-1), x.mean(-1), atol=1e-4)
+
+
+def test_pink_noise_falls_with_frequency_white_noise_does_not():
+    x, gen = images(b=64), torch.Generator().manual_seed(1)
+    pink = added_power(x, features.pink_noise(x, gen))
+    white = added_power(x, features.white_noise(x, gen))
+    quarter = len(pink) // 4
+    assert pink[:quarter].mean() > 10 * pink[-quarter:].mean()
+    assert 0.5 < white[:quarter].mean() / white[-quarter:].mean() < 2.0
+    assert (pink > 0).all() and (white > 0).all()
+
+
+def test_slight_line_is_one_periodic_high_frequency_row():
+    x, gen = images(b=8), torch.Generator().manual_seed(2)
+    out = features.slight_line(x, gen)
+    for before, after in zip(x, out):
+        rows = (after != before).any(dim=1).nonzero().flatten()
+        assert len(rows) == 1 and rows[0] >= x.shape[1] // 2
+        on = after[rows[0]] != before[rows[0]]
+        assert 0 < on.sum() < x.shape[2]               # switched on and off in time
+
+
+def test_generate_anomalies_uses_every_kind_and_rejects_unknown_ones():
+    x, gen = images(b=40), torch.Generator().manual_seed(3)
+    out = features.generate_anomalies(x, gen)
+    constant = torch.isclose(out, out[..., :1]).all(dim=(1, 2))
+    assert 0 < constant.sum() < len(x)                 # average Hz among others
+    assert torch.equal(x, images(b=40))                # the input is left alone
+    with pytest.raises(ValueError, match="valid: white, pink, line, average"):
+        features.generate_anomalies(x, gen, kinds=("brown",))
+
+
+def test_select_hard_keeps_the_least_anomalous_candidates():
+    candidates = torch.arange(10.0)[:, None, None].expand(10, 2, 2)
+    p = torch.tensor([0.9, 0.1, 0.8, 0.05, 0.7, 0.6, 0.5, 0.99, 0.2, 0.3])
+    kept = systems.select_hard(candidates, p, 3)
+    assert kept[:, 0, 0].tolist() == [3.0, 1.0, 8.0]
+
+
+def test_spectrogram_image_matches_librosa_and_opencv_bilinear():
+    x = np.random.default_rng(0).standard_normal(16000).astype(np.float64) * 0.1
+    ref = librosa.amplitude_to_db(np.abs(librosa.stft(x, n_fft=512, hop_length=256,
+                                                      pad_mode="reflect")))
+    ours = features.amplitude_to_db(features.stft(torch.from_numpy(x), n_fft=512, hop=256,
+                                                  pad_mode="reflect").abs())
+    assert np.abs(ours.numpy() - ref).max() < 1e-6
+    img = np.random.default_rng(1).standard_normal((7, 5))
+    got = features.resize_image(torch.from_numpy(img), size=4).numpy()
+    assert np.allclose(got, bilinear_half_pixel(img, 4, 4))
+
+
+def bilinear_half_pixel(img, h, w):
+    """cv2.resize(img, (w, h)) with INTER_LINEAR: pixel centres at half steps, edges clamped."""
+    def coords(n_out, n_in):
+        src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+        lo = np.floor(src).astype(int)
+        return lo, np.minimum(lo + 1, n_in - 1), src - lo
+    r0, r1, fr = coords(h, img.shape[0])
+    c0, c1, fc = coords(w, img.shape[1])
+    top = img[r0][:, c0] * (1 - fc) + img[r0][:, c1] * fc
+    bottom = img[r1][:, c0] * (1 - fc) + img[r1][:, c1] * fc
+    return top * (1 - fr[:, None]) + bottom * fr[:, None]
+
+
+SMALL = ["--width", "0.5", "--image-size", "96", "--epochs", "15", "--pretrain-epochs", "5",
+         "--batch-size", "16", "--device", "cpu"]
+
+
+def test_shinmura2020_on_synthetic_2020_data_reaches_auc_bar(tmp_path):
+    synth.synthesize(tmp_path / "data", year=2020, machines=["valve"], n_train=20, n_test=6)
+    run = ["--year", "2020", "--machine", "valve", "--system", "shinmura2020",
+           "--data-root", tmp_path / "data", "--out", tmp_path / "runs",
+           "--cache-dir", tmp_path / "cache"]
+    assert asd.main(["train", *run, *SMALL, "--ensemble", "2"]) == 0
+    assert asd.main(["test", *run, "--device", "cpu"]) == 0
+    assert asd.main(["evaluate", "--year", "2020", "--system", "shinmura2020",
+                     "--data-root", tmp_path / "data", "--out", tmp_path / "runs"]) == 0
+    result = json.loads((tmp_path / "runs/dcase2020/shinmura2020/dev/results.json").read_text())
+    aucs = [s["auc"] for s in result["sections"]]
+    # 24 normal and 24 anomalous clips per ID: a random scorer's mean AUC over two IDs has a
+    # standard deviation of about 0.06 around 0.5, so 0.75 is four of them away
+    assert np.mean(aucs) >= 0.75, result["sections"]
+    threshold = json.loads((tmp_path / "runs/dcase2020/shinmura2020/dev/models/valve/"
+                            "threshold.json").read_text())
+    assert threshold["threshold"] > 1e-4          # leave-one-out training scores, not zeros
+
+
+def test_ablation_flags_reach_the_system(tmp_path, capsys):
+    synth.synthesize(tmp_path / "data", year=2023, machines=["valve"], n_train=6, n_test=1)
+    run = ["--year", "2023", "--machine", "valve", "--system", "shinmura2020",
+           "--data-root", tmp_path / "data", "--out", tmp_path / "runs", "--no-cache"]
+    flags = ["--width", "0.25", "--image-size", "32", "--epochs", "1", "--ensemble", "1",
+             "--batch-size", "4", "--no-pretrain", "--no-hard-samples", "--generators",
+             "white", "average", "--arcface-margin", "0.1"]
+    assert asd.main(["train", *run, *flags]) == 0
+    saved = torch.load(tmp_path / "runs/dcase2023/shinmura2020/dev/models/valve/model.pt",
+                       weights_only=False)["options"]
+    assert saved["pretrain"] is False and saved["hard_samples"] is False
+    assert saved["generators"] == ["white", "average"] and saved["arcface_margin"] == 0.1
+    assert "pre-training" not in capsys.readouterr().out
+    code = asd.main(["train", *run, "--force", *flags[:-6], "--pretrain", "--pretrain-classes", "1"])
+    assert code == 2 and "pre-training needs two classes" in capsys.readouterr().err
