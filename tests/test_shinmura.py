@@ -164,10 +164,10 @@ def test_shinmura2020_on_synthetic_2020_data_reaches_auc_bar(tmp_path):
 
 
 def test_ablation_flags_reach_the_system(tmp_path, capsys):
-    synth.synthesize(tmp_path / "data", year=2023, machines=["valve"], n_train=6, n_test=1)
+    synth.synthesize(tmp_path / "data", year=2023, machines=["valve"], n_train=12, n_test=1)
     run = ["--year", "2023", "--machine", "valve", "--system", "shinmura2020",
            "--data-root", tmp_path / "data", "--out", tmp_path / "runs", "--no-cache"]
-    flags = ["--width", "0.25", "--image-size", "32", "--epochs", "1", "--ensemble", "1",
+    flags = ["--width", "0.25", "--image-size", "32", "--epochs", "4", "--ensemble", "1",
              "--batch-size", "4", "--no-pretrain", "--no-hard-samples", "--generators",
              "white", "average", "--arcface-margin", "0.1"]
     assert asd.main(["train", *run, *flags]) == 0
