@@ -7,6 +7,10 @@
     python asd.py demo                                        all of the above on synthetic data
     python asd.py list machines --year 2024                   what the year table holds
     python asd.py bench features                              our log-mel against librosa's
+    python asd.py download --year 2020 --machine valve        fetch, verify, unpack from Zenodo
+    python asd.py package  --year 2020                        eval CSVs as a submission folder
+    python asd.py train --normal-dir my_pump --out my_model  your own machine's recordings
+    python asd.py score --model my_model new/*.wav            their scores and decisions
 
 Runs go to <out>/dcase<YEAR>/<system>/<part>/: models/<machine>/ (weights, threshold, the
 arguments), results/ (the CSVs in the year's submission names), results.json (the scores).
@@ -27,6 +31,8 @@ import numpy as np
 import torch
 
 import data
+import download
+import features
 import scoring
 import synth
 import systems
@@ -45,11 +51,15 @@ def versions():
 
 
 def write_json(path, obj):
-    """Write JSON atomically: a temporary file in the same folder, then a rename."""
+    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def write_text(path, text):
+    """Write text atomically: a temporary file in the same folder, then a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -100,8 +110,17 @@ def system_options(args, device):
 
 
 def cmd_train(args):
-    data.get_year(args.year).sections(args.machine, args.part)     # unknown machine: error now
-    model_dir = run_dir(args) / "models" / args.machine
+    """Train one machine type of a DCASE set (--machine), or a plain folder of your own
+    machine's normal recordings (--normal-dir; the model goes to --out itself)."""
+    if args.normal_dir:
+        clips, sections = data.normal_clips(args.normal_dir, year=args.year)
+        model_dir, about = Path(args.out), {"machine": clips[0].machine, "sections": sections}
+    elif args.machine:
+        data.get_year(args.year).sections(args.machine, args.part)  # unknown machine: error now
+        model_dir, about = run_dir(args) / "models" / args.machine, {"machine": args.machine}
+    else:
+        raise ValueError("train: give --machine (a DCASE set) or --normal-dir DIR (a folder of "
+                         "your own machine's normal recordings)")
     if (model_dir / "model.pt").exists() and not args.force:
         raise ValueError(f"{model_dir / 'model.pt'} exists; pass --force to train again")
     if args.force and model_dir.exists():
@@ -109,20 +128,32 @@ def cmd_train(args):
     model_dir.mkdir(parents=True, exist_ok=True)
     _check_resume(model_dir, args)
     write_json(model_dir / "args.json", {**vars(args), **versions()})
+    clips = clips if args.normal_dir else train_clips(args)
+    fit_and_save(args, clips, model_dir, about)
+
+
+def fit_and_save(args, clips, model_dir, about):
+    """Fit the system on the clips, fit the gamma threshold on their scores, and save a
+    self-describing model folder: model.pt (system, options, weights), threshold.json, and
+    model.json (what `score` needs: system, year, feature settings, threshold, sections)."""
     device = pick_device(args.device)
-    clips = train_clips(args)
-    print(f"train {args.system} on {len(clips)} clips of {args.machine} ({args.year} "
-          f"{args.part}) on {device}")
+    print(f"train {args.system} on {len(clips)} clips of {about['machine']} ({args.year} "
+          f"recipe) on {device}")
     system = systems.get_system(args.system)(**system_options(args, device))
     t0 = time.time()
     system.fit(clips, model_dir)
-    train_scores = system.score(clips)
+    train_scores = system.train_scores(clips)
     threshold = scoring.gamma_threshold(train_scores, q=args.threshold_quantile)
-    systems.save_atomic({"system": args.system, "options": system_options(args, "cpu"),
-                         "state": system.state()}, model_dir / "model.pt")
+    options = system_options(args, "cpu")
+    systems.save_atomic({"system": args.system, "options": options, "state": system.state()},
+                        model_dir / "model.pt")
     write_json(model_dir / "threshold.json", {"threshold": threshold, "quantile":
                                               args.threshold_quantile,
                                               "train_scores": train_scores.tolist()})
+    write_json(model_dir / "model.json", {
+        "system": args.system, "year": args.year, "options": options,
+        "features": getattr(system, "settings", None), "threshold": threshold,
+        "threshold_quantile": args.threshold_quantile, "n_train": len(clips), **about})
     (model_dir / "checkpoint.pt").unlink(missing_ok=True)
     print(f"trained in {time.time() - t0:.1f} s; gamma threshold {threshold:.4g} -> {model_dir}")
 
@@ -185,6 +216,61 @@ def cmd_test(args):
 
 
 # --------------------------------------------------------------------------------------------
+# score: any recordings, with a self-describing model folder
+
+
+def wav_paths(items):
+    """The files given, and every *.wav below the folders given (sorted), in order."""
+    paths = []
+    for item in map(Path, items):
+        if item.is_dir():
+            found = sorted(item.rglob("*.wav"))
+            if not found:
+                raise ValueError(f"{item}: no *.wav files in this folder or below it")
+            paths += found
+        elif item.exists():
+            paths.append(item)
+        else:
+            raise ValueError(f"{item}: no such file or folder")
+    return paths
+
+
+def cmd_score(args):
+    """Print every file's anomaly score and decision (the model's gamma threshold); a file
+    that cannot be scored is reported on one line and skipped, and the run ends non-zero."""
+    about_path = Path(args.model) / "model.json"
+    if not about_path.exists():
+        raise ValueError(f"{about_path}: not found; --model must be a folder written by "
+                         f"'python asd.py train' (model.pt, threshold.json, model.json)")
+    about = json.loads(about_path.read_text())
+    system, threshold = load_model(args.model, pick_device(args.device), None)
+    sections = about.get("sections", {})
+    rows, failed = [], []
+    paths = wav_paths(args.paths)
+    for path in paths:
+        clip = data.plain_clip(path, year=about["year"], machine=about["machine"],
+                               section=sections.get(path.parent.name, "00"), split="test")
+        try:
+            score = float(system.score([clip])[0])
+        except features.AudioError as e:       # its message starts with the file's path
+            failed.append(str(e))
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        if not np.isfinite(score):
+            failed.append(f"{path}: the model gave a non-finite score ({score})")
+            print(f"error: {failed[-1]}", file=sys.stderr)
+            continue
+        decision = "anomalous" if score > threshold else "normal"
+        rows.append((str(path), score, decision))
+        print(f"{path}\t{score:.6g}\t{decision}")
+    if args.csv:
+        scoring.write_table_csv(args.csv, ["file", "score", "decision"], rows)
+    if failed:
+        raise ValueError(f"{len(failed)} of {len(paths)} files could not be scored (each named "
+                         f"above); they have no score")
+
+
+# --------------------------------------------------------------------------------------------
 # evaluate
 
 RESULT_NAME = re.compile(r"^anomaly_score_(?P<machine>.+?)_(?:id|section)_(?P<section>\d\d)"
@@ -215,11 +301,17 @@ def labelled_rows(args):
 
 def _truth(args, machine, section):
     """A function from a test file name to (label, domain): from the name for the dev set,
-    from the organisers' ground-truth tables for the anonymised eval set."""
+    from the organisers' ground-truth tables of the year for the anonymised eval set."""
     if args.part == "eval":
         gt = Path(args.ground_truth) if args.ground_truth else data_folder(args)
-        table = data.read_ground_truth(gt, machine=machine, section=section)
-        return lambda name: table[name][:2]
+        table = data.read_ground_truth(gt, machine=machine, section=section, year=args.year)
+
+        def from_table(name):
+            if name not in table:
+                raise ValueError(f"{gt}: the ground truth of {machine} section {section} has "
+                                 f"no row for {name}; is it the {args.year} ground truth?")
+            return table[name][:2]
+        return from_table
 
     def from_name(name):
         clip = data.parse_name(Path(name), year=args.year, machine=machine, split="test")
@@ -228,15 +320,87 @@ def _truth(args, machine, section):
 
 
 def cmd_evaluate(args):
+    """The official score, and the results table beside the baseline's published figures:
+    results.json, results.txt (every metric), results.csv and results.md (the comparison)."""
     out = run_dir(args) / "results.json"
     if out.exists() and not args.force:
         raise ValueError(f"{out} exists; pass --force to overwrite")
     result = scoring.official_score(args.year, labelled_rows(args))
-    table = scoring.format_table(result)
+    header, rows = scoring.comparison_rows(result, with_baseline=args.part == "dev")
+    markdown = scoring.format_markdown(header, rows)
     write_json(out, {**result, "args": {**vars(args), **versions()}})
-    (run_dir(args) / "results.txt").write_text(table + "\n")
-    print(table)
+    write_text(run_dir(args) / "results.txt", scoring.format_table(result) + "\n")
+    scoring.write_table_csv(run_dir(args) / "results.csv", header, rows)
+    write_text(run_dir(args) / "results.md", markdown + "\n")
+    print(scoring.format_table(result))
+    print(f"\nbeside the official baseline's published {args.part} figures "
+          f"(empty: not published):\n{markdown}")
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# download, package
+
+
+def cmd_download(args):
+    report = download.download(args.year, data_root=args.data_root, part=args.part,
+                               machines=[args.machine] if args.machine else None,
+                               base_url=args.zenodo_url, keep=args.keep_archives,
+                               show=not args.quiet)
+    fetched = sum(v == "fetched" for v in report.values())
+    print(f"{args.year} {args.part}: {len(report)} files verified, {fetched} downloaded now")
+
+
+def cmd_package(args):
+    """Copy the eval set's result CSVs into the year's submission folder, names checked against
+    the evaluator's, with a short system description (<system>.meta.yaml)."""
+    results = Path(args.out) / f"dcase{args.year}" / args.system / "eval" / "results"
+    files = sorted(results.glob("anomaly_score_*.csv"))
+    if not files:
+        raise ValueError(f"{results}: no anomaly_score_*.csv; run 'python asd.py test --part "
+                         f"eval' first")
+    names, machines = [], set()
+    for path in files:
+        m = RESULT_NAME.match(path.name)
+        if not m or path.name != scoring.result_filename(args.year, "anomaly_score", m["machine"],
+                                                         m["section"], m["domain"]):
+            raise ValueError(f"{path}: not a {args.year} submission name")
+        decision = path.with_name(path.name.replace("anomaly_score", "decision_result", 1))
+        if not decision.exists():
+            raise ValueError(f"{decision}: missing; run 'python asd.py test --part eval' again")
+        names += [path.name, decision.name]
+        machines.add(m["machine"])
+    dest = Path(args.dest) / f"dcase{args.year}" / args.system
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in names:
+        shutil.copy2(results / name, tmp / name)
+    write_text(tmp / f"{args.system}.meta.yaml", system_description(args, sorted(machines)))
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)                      # the folder appears whole or not at all
+    print(f"packaged {len(names)} files of {len(machines)} machine types -> {dest}")
+
+
+def system_description(args, machines):
+    """A short YAML description of the system beside the submission files."""
+    spec = data.get_year(args.year)
+    missing = [m for m in spec.eval if m not in machines]
+    dev = Path(args.out) / f"dcase{args.year}" / args.system / "dev" / "results.json"
+    dev_score = json.loads(dev.read_text())["official_score"] if dev.exists() else None
+    lines = ["# Written by 'python asd.py package'. Before submitting, rename this folder and",
+             "# file to the organisers' label (<Lastname>_<Institute>_task2_<n>), add authors.",
+             "submission:", f"  label: {json.dumps(args.system)}",
+             f"  name: {json.dumps(systems.get_system(args.system).description)}",
+             f"  challenge: {json.dumps(f'DCASE {args.year} Task 2')}",
+             "system:", "  software: asd (this repository), python asd.py train/test",
+             f"  machine_types: {json.dumps(machines)}",
+             f"  machine_types_missing: {json.dumps(missing)}",
+             "results:", "  development_dataset:",
+             f"    official_score: {json.dumps(dev_score)}",
+             f"written: {json.dumps(time.strftime('%Y-%m-%d %H:%M:%S'))}"]
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,7 +419,7 @@ def cmd_demo(args):
     synth.synthesize(root / "data", year=args.year, n_train=args.n_train, n_test=args.n_test,
                      seed=args.seed)
     base = dict(vars(args), data_root=str(root / "data"), out=str(root / "runs"), part="dev",
-                data_dir=None, cache_dir=str(root / "cache"))
+                data_dir=None, cache_dir=str(root / "cache"), normal_dir=None)
     for machine in synth.default_machines(args.year):
         if machine not in data.get_year(args.year).dev:
             continue
@@ -271,6 +435,8 @@ def cmd_list(args):
     elif args.what == "systems":
         for name, cls in systems.SYSTEMS.items():
             print(f"{name:12s} {cls.description}")
+    elif args.what == "default-system":
+        print(data.get_year(args.year).system)
     else:
         spec = data.get_year(args.year)
         table = spec.dev if args.part == "dev" else spec.eval
@@ -298,7 +464,8 @@ def add_run_flags(p):
                    help="folder holding dcase<YEAR>/{dev,eval}_data/")
     p.add_argument("--data-dir", default=None,
                    help="the folder holding <machine>/ directly (overrides --data-root)")
-    p.add_argument("--out", default="runs", help="runs go to OUT/dcase<YEAR>/<system>/<part>/")
+    p.add_argument("--out", default="runs", help="runs go to OUT/dcase<YEAR>/<system>/<part>/ "
+                   "(train --normal-dir: the model folder itself)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
 
 
@@ -331,10 +498,22 @@ def build_parser():
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = sub.add_parser("train", help="train one machine type's model", formatter_class=fmt)
+    p = sub.add_parser("train", help="train one machine type's model, or your own machine's",
+                       formatter_class=fmt)
     add_run_flags(p), add_model_flags(p)
-    p.add_argument("--machine", required=True, help="machine type, e.g. valve")
+    p.add_argument("--machine", default=None, help="machine type, e.g. valve")
+    p.add_argument("--normal-dir", default=None,
+                   help="instead of --machine: a folder of your own machine's normal recordings "
+                        "(*.wav; sub-folders become sections); the model goes to --out")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("score", help="score any recordings with a trained model",
+                       formatter_class=fmt)
+    p.add_argument("paths", nargs="+", help="wav files, and folders searched for *.wav")
+    p.add_argument("--model", required=True, help="a model folder written by train")
+    p.add_argument("--csv", default=None, help="also write file,score,decision to this CSV")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: CUDA when available")
+    p.set_defaults(func=cmd_score)
     p = sub.add_parser("test", help="score the test clips; write the submission CSVs",
                        formatter_class=fmt)
     add_run_flags(p), add_compute_flags(p)
@@ -346,8 +525,36 @@ def build_parser():
     p.add_argument("--ground-truth", default=None,
                    help="eval part: folder holding ground_truth_data/ (default: the data dir)")
     p.set_defaults(func=cmd_evaluate)
+    add_download_parsers(sub, fmt)
     add_data_parsers(sub, fmt)
     return parser
+
+
+def add_download_parsers(sub, fmt):
+    p = sub.add_parser("download", help="fetch, verify and unpack a year's data from Zenodo",
+                       formatter_class=fmt)
+    p.add_argument("--year", type=int, default=2020, help="DCASE year")
+    p.add_argument("--machine", default=None,
+                   help="one machine type; when not given, every one the part lists")
+    p.add_argument("--part", default="all", choices=("dev", "train", "eval", "truth", "all"),
+                   help="development set, additional training data, evaluation set, 2020 "
+                        "ground truth, or all")
+    p.add_argument("--data-root", default=str(data.DEFAULT_DATA_ROOT),
+                   help="unpacks into DATA_ROOT/dcase<YEAR>/{dev,eval}_data/")
+    p.add_argument("--zenodo-url", default=None,
+                   help=f"Zenodo's address; when not given, ${download.ZENODO_URL_ENV}, "
+                        f"else {download.ZENODO_URL}")
+    p.add_argument("--keep-archives", action="store_true",
+                   help="keep the zip files (in .downloads/) after unpacking")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_download)
+    p = sub.add_parser("package", help="the eval result CSVs as a submission folder",
+                       formatter_class=fmt)
+    p.add_argument("--year", type=int, default=2020, help="DCASE year")
+    p.add_argument("--system", default="auto", help="method; auto: the year's default")
+    p.add_argument("--out", default="runs", help="where the runs are (as for test)")
+    p.add_argument("--dest", default="submissions", help="writes DEST/dcase<YEAR>/<system>/")
+    p.set_defaults(func=cmd_package)
 
 
 def add_data_parsers(sub, fmt):
@@ -371,7 +578,8 @@ def add_data_parsers(sub, fmt):
     p.set_defaults(func=cmd_demo, epochs=30, batch_size=64)   # small data: more steps
     p = sub.add_parser("list", help="years, systems, or a year's machines and sections",
                        formatter_class=fmt)
-    p.add_argument("what", choices=("years", "systems", "machines", "sections"))
+    p.add_argument("what", choices=("years", "systems", "default-system", "machines", "sections"),
+                   help="default-system: the system --system auto picks for --year")
     p.add_argument("--year", type=int, default=2020, help="DCASE year")
     p.add_argument("--part", default="dev", choices=("dev", "eval"), help="dev or eval set")
     p.set_defaults(func=cmd_list)

@@ -12,8 +12,10 @@ On disk, one layout for every year, exactly as the organisers' archives unpack b
     <data-root>/dcase<YEAR>/eval_data/<machine>/train/...     additional training data
     <data-root>/dcase<YEAR>/eval_data/<machine>/test/...      evaluation set (anonymised names)
     <data-root>/dcase<YEAR>/eval_data/ground_truth_*/...      the organisers' label tables
+    <data-root>/dcase2020/eval_data/eval_data_list.csv         (2020: one list)
 
 2021 has `source_test/` and `target_test/` in place of `test/`; 2025 adds `supplemental/`.
+`normal_clips` reads a plain folder of your own machine's normal recordings instead.
 Facts follow the organisers' task pages and their baseline repositories (nttcslab).
 """
 import csv
@@ -36,7 +38,7 @@ class Year:
     dev: dict            # machine type -> sections (2020: machine IDs) of the development set
     eval: dict           # machine type -> sections of the evaluation set
     test_dirs: tuple     # folders below <machine>/ that hold test clips
-    records: dict        # part ("dev", "train", "eval") -> Zenodo record id
+    records: dict        # part ("dev", "train", "eval"; 2020 "truth") -> Zenodo record id
     system: str          # the year's default system (its seed paper; "ae" until that is built)
     no_attribute: frozenset = field(default_factory=frozenset)  # attributes hidden in names
     extra_dirs: tuple = ()   # further clip folders (2025: supplemental/)
@@ -69,7 +71,8 @@ YEARS = {
                eval={**_MIMII_2020_EVAL, "ToyCar": ("05", "06", "07"),
                      "ToyConveyor": ("04", "05", "06")},
                test_dirs=("test",),
-               records={"dev": 3678171, "train": 3727685, "eval": 3841772},
+               records={"dev": 3678171, "train": 3727685, "eval": 3841772,
+                        "truth": 3951620},      # eval_data_list.csv, the eval labels
                system="ae"),
     2021: Year(2021,
                dev=_same(("fan", "gearbox", "pump", "slider", "ToyCar", "ToyTrain", "valve"),
@@ -206,10 +209,21 @@ def list_clips(folder, *, year, machine, split):
     return clips
 
 
-# Ground truth of the anonymised evaluation clips, in the organisers' evaluator format (2021+):
-#   ground_truth_data/ground_truth_<m>_section_<XX>_test.csv         file,label (1 = anomaly)
-#   ground_truth_domain/ground_truth_<m>_section_<XX>_test.csv       file,domain (1 = target)
-#   ground_truth_attributes/ground_truth_<m>_section_<XX>_test.csv   file,full name (optional)
+# Ground truth of the anonymised evaluation clips, in each year's evaluator format:
+#   2020   eval_data_list.csv (Zenodo record 3951620, y-kawagu/dcase2020_task2_evaluator): a line
+#          holding a machine type, then one row per clip of it, 'id_01_00000000.wav,
+#          normal_id_01_00000000.wav,0' (the last column: 1 = anomaly); a clip's machine ID is
+#          found in its name, as the evaluator does
+#   2021   ground_truth_data/ground_truth_<m>_section_<XX>_<source|target>_test.csv   file,label
+#          (y-kawagu/dcase2021_task2_evaluator: one table per domain, the domain in its name)
+#   2022+  ground_truth_data/ground_truth_<m>_section_<XX>_test.csv        file,label (1 = anomaly)
+#          ground_truth_domain/ground_truth_<m>_section_<XX>_test.csv      file,domain (1 = target)
+#          ground_truth_attributes/ground_truth_<m>_section_<XX>_test.csv  file,full name (optional)
+# Left out: the 2024+ attribute correspondence tables (attributes_00_test_correspondence.csv),
+# which restore hidden attribute strings; no official score depends on attributes.
+EVAL_DATA_LIST = "eval_data_list.csv"   # the 2020 ground truth's file name
+
+
 def _read_table(path):
     try:
         with open(path, newline="") as f:
@@ -223,8 +237,15 @@ def _read_table(path):
     return {r[0]: r[1] for r in rows}
 
 
-def read_ground_truth(gt_dir, *, machine, section):
-    """Labels and domains of one section's anonymised test clips: {file: (label, domain, attrs)}."""
+def read_ground_truth(gt_dir, *, machine, section, year=2022):
+    """Labels and domains of one section's anonymised test clips, read from the organisers'
+    tables of `year`: {file: (label, domain, attributes)}; domain is None in 2020.
+    gt_dir: the folder holding ground_truth_data/ (2021+) or eval_data_list.csv (2020; the
+    file itself will do too)."""
+    if year == 2020:
+        return _truth_2020(gt_dir, machine, section)
+    if year == 2021:
+        return _truth_2021(gt_dir, machine, section)
     stem = f"ground_truth_{machine}_section_{section}_test.csv"
     labels = _read_table(Path(gt_dir) / "ground_truth_data" / stem)
     domains = _read_table(Path(gt_dir) / "ground_truth_domain" / stem)
@@ -244,6 +265,53 @@ def read_ground_truth(gt_dir, *, machine, section):
     return truth
 
 
+def _truth_2021(gt_dir, machine, section):
+    """2021: one file,label table per domain; the domain is the table's."""
+    truth = {}
+    for domain in DOMAINS:
+        path = Path(gt_dir) / "ground_truth_data" / (
+            f"ground_truth_{machine}_section_{section}_{domain}_test.csv")
+        for name, label in _read_table(path).items():
+            if label not in ("0", "1"):
+                raise DataError(f"{path}: {name} has label {label!r}; expected 0 or 1")
+            truth[name] = ("anomaly" if label == "1" else "normal", domain, "")
+    return truth
+
+
+def read_eval_data_list(path):
+    """The 2020 eval_data_list.csv: {machine type: {file: "normal"|"anomaly"}}."""
+    blocks, machine = {}, None
+    try:
+        with open(path, newline="") as f:
+            rows = [r for r in csv.reader(f) if r and any(r)]
+    except FileNotFoundError:
+        raise DataError(f"{path}: 2020 ground truth not found; give --ground-truth, the "
+                        f"organisers' {EVAL_DATA_LIST} (Zenodo record 3951620) or its folder")
+    for i, row in enumerate(rows, 1):
+        if len(row) == 1:                       # a machine type opens its block
+            machine = row[0].strip()
+            blocks.setdefault(machine, {})
+        elif machine is None or row[-1] not in ("0", "1"):
+            raise DataError(f"{path}:{i}: expected a machine type line, then rows "
+                            f"'id_XX_NNNNNNNN.wav,<name>,<0|1>'; got {row!r}")
+        else:
+            blocks[machine][row[0]] = "anomaly" if row[-1] == "1" else "normal"
+    return blocks
+
+
+def _truth_2020(gt, machine, section):
+    path = Path(gt) / EVAL_DATA_LIST if Path(gt).is_dir() else Path(gt)
+    blocks = read_eval_data_list(path)
+    if machine not in blocks:
+        raise DataError(f"{path}: no block for machine type '{machine}'; "
+                        f"found: {', '.join(blocks) or 'none'}")
+    rows = {name: (label, None, "") for name, label in blocks[machine].items()
+            if f"id_{section}_" in name}
+    if not rows:
+        raise DataError(f"{path}: no rows of {machine} id_{section}")
+    return rows
+
+
 def _attributes_of(full_name):
     """The attribute string of an attribute-table name such as
     'section_00_source_normal_0035_weight15_BckgF' (no split word there) -> 'weight15_BckgF'."""
@@ -259,7 +327,8 @@ def label_eval_clips(clips, gt_dir):
     for clip in clips:
         key = (clip.machine, clip.section)
         if key not in tables:
-            tables[key] = read_ground_truth(gt_dir, machine=clip.machine, section=clip.section)
+            tables[key] = read_ground_truth(gt_dir, machine=clip.machine, section=clip.section,
+                                            year=clip.year)
         if clip.name not in tables[key]:
             raise DataError(f"{clip.path}: no row in the ground truth of {clip.machine} "
                             f"section {clip.section} under {gt_dir}")
@@ -267,3 +336,33 @@ def label_eval_clips(clips, gt_dir):
         labelled.append(Clip(clip.path, clip.year, clip.machine, clip.section, domain,
                              clip.split, label, attrs, clip.index))
     return labelled
+
+
+# A plain folder of one machine's normal recordings (your own machine): no DCASE names needed.
+
+def plain_clip(path, *, year, machine, section="00", split="train"):
+    """A clip known only by its path: source domain, label normal (training) or unknown."""
+    return Clip(path=Path(path), year=year, machine=machine, section=section, domain="source",
+                split=split, label="normal" if split == "train" else "unknown")
+
+
+def normal_clips(folder, *, year):
+    """The normal recordings of a plain folder: machine = the folder's name; every sub-folder
+    holding *.wav is one section ("00", "01", ... in name order), else the folder's own *.wav
+    are section "00". Returns (clips, {sub-folder name: section})."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: folder not found; give --normal-dir, a folder of normal "
+                        f"recordings (*.wav, or sub-folders of them)")
+    subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and any(d.glob("*.wav")))
+    own = sorted(folder.glob("*.wav"))
+    if subdirs and own:
+        raise DataError(f"{folder}: holds both *.wav and sub-folders of *.wav; put every file "
+                        f"in a sub-folder (one per section) or none")
+    sections = {d.name: f"{i:02d}" for i, d in enumerate(subdirs)} or {folder.name: "00"}
+    groups = [(sorted(d.glob("*.wav")), sections[d.name]) for d in subdirs] or [(own, "00")]
+    clips = [plain_clip(p, year=year, machine=folder.name, section=section)
+             for paths, section in groups for p in paths]
+    if not clips:
+        raise DataError(f"{folder}: no *.wav files here or in its sub-folders")
+    return clips, sections

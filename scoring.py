@@ -6,7 +6,9 @@ points at distinct thresholds, collinear points dropped, trapezoids, McClish-sta
 pAUC), because that is what every organisers' evaluator calls; tests/test_scoring.py proves
 the two agree. The rules per year follow the organisers' evaluators:
 y-kawagu/dcase2020_task2_evaluator (evaluator.py), y-kawagu/dcase2021_task2_evaluator, and
-the nttcslab dcase2022..2025_task2_evaluator scripts (one rule from 2022 on).
+the nttcslab dcase2022..2025_task2_evaluator scripts (one rule from 2022 on). The results
+table (`comparison_rows`, CSV and Markdown) sets the official AE baseline's published
+development-set figures (`BASELINE_DEV`, each with its source) beside ours.
 Left out: the evaluators' jackknife confidence intervals, plots and per-attribute tables,
 and reading the ground truth (the dataset module's job: rows arrive here already labelled).
 """
@@ -476,3 +478,117 @@ def read_csv(path):
     if not rows:
         raise ScoringError(f"{path}: no rows")
     return rows
+
+
+def write_table_csv(path, header, rows):
+    """Write a CSV with a header row atomically (temporary file, then os.replace); rows are
+    sequences as long as the header; None is written as an empty cell."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(header)
+            for row in rows:
+                if len(row) != len(header):
+                    raise ScoringError(f"{path}: row of {len(row)} fields under a header of "
+                                       f"{len(header)}: {row!r}")
+                writer.writerow(["" if v is None else _format_field(v) for v in row])
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------
+# The official AE baseline's published development-set figures, beside ours
+#
+# Only figures read in the organisers' own baseline READMEs (the result.csv each one shows);
+# where a README shows no figure the cell stays empty. Order: the year's official figures,
+# (AUC, pAUC) to 2021, (AUC_source, AUC_target, pAUC) from 2022.
+#   2020: y-kawagu/dcase2020_task2_baseline, README.md (every machine type, per machine ID)
+#   2021: y-kawagu/dcase2021_task2_baseline_ae, README.md (fan and valve only)
+#   2022: Kota-Dohi/dcase2022_task2_baseline_ae, README.md (fan and valve only)
+#   2023-2025: nttcslab/dcase2023_task2_baseline_ae's README shows none: left empty.
+BASELINE_DEV = {
+    2020: {("ToyCar", "01"): (0.828474, 0.678514), ("ToyCar", "02"): (0.866307, 0.762236),
+           ("ToyCar", "03"): (0.639396, 0.546659), ("ToyCar", "04"): (0.869477, 0.701461),
+           ("ToyConveyor", "01"): (0.793497, 0.650428),
+           ("ToyConveyor", "02"): (0.64243, 0.564437),
+           ("ToyConveyor", "03"): (0.744579, 0.60488),
+           ("fan", "00"): (0.539607, 0.492435), ("fan", "02"): (0.721866, 0.554171),
+           ("fan", "04"): (0.622098, 0.527072), ("fan", "06"): (0.72277, 0.529961),
+           ("pump", "00"): (0.670769, 0.57269), ("pump", "02"): (0.609369, 0.58037),
+           ("pump", "04"): (0.8886, 0.676842), ("pump", "06"): (0.734902, 0.570175),
+           ("slider", "00"): (0.963315, 0.818451), ("slider", "02"): (0.78809, 0.628819),
+           ("slider", "04"): (0.946011, 0.739503), ("slider", "06"): (0.702247, 0.490242),
+           ("valve", "00"): (0.687311, 0.51349), ("valve", "02"): (0.674083, 0.512281),
+           ("valve", "04"): (0.744, 0.515351), ("valve", "06"): (0.552833, 0.482895)},
+    2021: {("fan", "00", "source"): (0.6738, 0.573157895),
+           ("fan", "01", "source"): (0.6786, 0.505263158),
+           ("fan", "02", "source"): (0.6542, 0.532631579),
+           ("fan", "00", "target"): (0.6955, 0.548421053),
+           ("fan", "01", "target"): (0.4953, 0.483157895),
+           ("fan", "02", "target"): (0.6441, 0.559473684),
+           ("valve", "00", "source"): (0.5026, 0.506842105),
+           ("valve", "01", "source"): (0.5404, 0.494210526),
+           ("valve", "02", "source"): (0.596, 0.516315789),
+           ("valve", "00", "target"): (0.4716, 0.485263158),
+           ("valve", "01", "target"): (0.5857, 0.548421053),
+           ("valve", "02", "target"): (0.5489, 0.489473684)},
+    2022: {("fan", "00"): (0.8488, 0.4542, 0.6136), ("fan", "01"): (0.7150, 0.46, 0.5089),
+           ("fan", "02"): (0.8042, 0.6477, 0.6131),
+           ("valve", "00"): (0.5432, 0.5116, 0.5231), ("valve", "01"): (0.489, 0.5448, 0.4968),
+           ("valve", "02"): (0.5298, 0.4432, 0.4973)},
+}
+
+
+def _official_keys(year):
+    return ["auc_source", "auc_target", "pauc"] if year >= 2022 else ["auc", "pauc"]
+
+
+def _baseline_of(year, row):
+    """The baseline's figures of one section row as a dict, or None where not published."""
+    key = (row["machine"], row["section"]) + ((row["domain"],) if year == 2021 else ())
+    figures = BASELINE_DEV.get(year, {}).get(key)
+    return None if figures is None else dict(zip(_official_keys(year), figures))
+
+
+def comparison_rows(result, *, with_baseline=True):
+    """The results table: one row per section (2021: and domain), one per machine type (its
+    mean and score), the official score last; each with the baseline's figure beside ours
+    where published (with_baseline=False: the eval set, no published figure). Returns
+    (header, rows); a cell without a figure is None."""
+    year, keys = result["year"], _official_keys(result["year"])
+    header = (["machine", "section", "domain"] + keys + ["score"]
+              + [f"baseline_{k}" for k in keys + ["score"]])
+    sections = result["sections"]
+    base = [_baseline_of(year, r) if with_baseline else None for r in sections]
+    rows = []
+    for r, b in zip(sections, base):
+        rows.append([r["machine"], r["section"], r["domain"]] + [r[k] for k in keys] + [None]
+                    + [(b or {}).get(k) for k in keys] + [None])
+    for machine, m in result["machines"].items():
+        mine = [b for r, b in zip(sections, base) if r["machine"] == machine]
+        b = _machine_summary(year, mine) if all(mine) else {}
+        rows.append([machine, "all", m["mean_rule"] + " mean"] + [m[k] for k in keys]
+                    + [m["score"]] + [b.get(k) for k in keys + ["score"]])
+    b_score = None
+    if all(base):                      # the baseline's score over the same sections as ours
+        figures = [x for b in base for x in _official_figures(year, b)]
+        b_score = _arithmetic_mean(figures) if year == 2020 else _harmonic_mean(figures)
+    rows.append(["official score", "", ""] + [None] * len(keys) + [result["official_score"]]
+                + [None] * len(keys) + [b_score])
+    return header, rows
+
+
+def format_markdown(header, rows):
+    """A Markdown table of comparison_rows(); figures with 4 decimals, unknown cells empty."""
+    def cell(v):
+        return "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -4,7 +4,9 @@ A machine sound here is a harmonic hum whose pitch depends on the machine ID or 
 coloured broadband noise and periodic events whose kind depends on the machine type (clicks,
 bursts, a sweep). The target domain shifts the speed (pitch and event rate) and raises the
 noise. An anomaly is one of: an added high tone, random impulses, or one harmonic grown
-strong. Everything is seeded: the same arguments write the same bytes.
+strong. Everything is seeded: the same arguments write the same bytes. The evaluation part
+gets anonymised test names (in shuffled order) and the ground truth in each year's format:
+2020 eval_data_list.csv, 2021 one table per domain, 2022+ the label, domain and attribute tables.
 
 Not modelled: reverberation, microphone colouring, the real machines' spectra. The point is a
 data set where a working detector must score near 1 and a broken one near 0.5.
@@ -80,21 +82,31 @@ def write_clip(path, x):
 
 
 def synthesize(out, *, year, machines=None, n_train=20, n_test=10, seed=0, eval_part=True):
-    """Write a small data set for `year` below out/dcase<YEAR>/: dev_data and, for 2021+,
-    eval_data with anonymised test names and the organisers' ground-truth tables.
+    """Write a small data set for `year` below out/dcase<YEAR>/: dev_data and eval_data, the
+    latter with anonymised test names and the organisers' ground truth in that year's format.
     n_train: normal training clips per section (2021+: 1 in 10 of them target domain);
     n_test: test clips per section, domain and label. Returns the number of files written."""
     spec = data.get_year(year)
     machines = machines or default_machines(year)
-    count = 0
+    count, list_2020 = 0, {}
     for machine in machines:
-        for part in ("dev", "eval") if eval_part and year >= 2021 else ("dev",):
+        for part in ("dev", "eval") if eval_part else ("dev",):
             if machine not in (spec.dev if part == "dev" else spec.eval):
                 continue
             for section in spec.sections(machine, part)[:2]:
                 rng = np.random.default_rng([seed, year, zlib.crc32(machine.encode()),
                                              int(section), part == "eval"])
-                count += _write_section(out, rng, spec, machine, section, part, n_train, n_test)
+                n, truth = _write_section(out, rng, spec, machine, section, part, n_train, n_test)
+                count += n
+                eval_dir = data.part_dir(out, year, "eval")
+                if truth and year == 2020:          # one list for all, written at the end
+                    list_2020.setdefault(machine, []).extend(truth)
+                elif truth and year == 2021:
+                    _write_ground_truth_2021(eval_dir, machine, section, truth)
+                elif truth:
+                    _write_ground_truth(eval_dir, machine, section, truth)
+    if list_2020:
+        _write_eval_data_list(data.part_dir(out, year, "eval"), list_2020)
     return count
 
 
@@ -106,7 +118,19 @@ def default_machines(year):
     return both[:3] if both else list(spec.dev)[:2] + list(spec.eval)[:1]
 
 
+def anonymous_name(year, section, domain, k):
+    """The name an evaluation test clip gets in `year`: 2020 id_01_00000000.wav, 2021
+    section_03_source_test_0000.wav (numbered per domain), 2022+ section_03_0000.wav."""
+    if year == 2020:
+        return f"id_{section}_{k:08d}.wav"
+    if year == 2021:
+        return f"section_{section}_{domain}_test_{k:04d}.wav"
+    return f"section_{section}_{k:04d}.wav"
+
+
 def _write_section(out, rng, spec, machine, section, part, n_train, n_test):
+    """Write one section's clips; returns (count, truth rows of its anonymised test clips:
+    (anonymous name, label, domain, full name))."""
     root = data.part_dir(out, spec.year, part) / machine
     kind, f0 = machine_profile(machine, section)
     attrs = "noAttribute" if machine in spec.no_attribute else None
@@ -118,6 +142,12 @@ def _write_section(out, rng, spec, machine, section, part, n_train, n_test):
         plan = [("train", "source" if i % 10 else "target", "normal", i) for i in range(n_train)]
         plan += [("test", d, lab, i) for d in data.DOMAINS for lab in ("normal", "anomaly")
                  for i in range(n_test)]
+    # eval test clips get their anonymous numbers in a shuffled order, as the real ones (one
+    # numbering per domain in 2021); a generator of its own leaves the sounds unchanged
+    keys = [domain if spec.year == 2021 else None for split, domain, _, _ in plan
+            if split == "test"]
+    shuffle = np.random.default_rng([spec.year, zlib.crc32(machine.encode()), int(section)])
+    numbers = {k: iter(shuffle.permutation(keys.count(k))) for k in dict.fromkeys(keys)}
     truth = []
     for split, domain, label, i in plan:
         target = domain == "target"
@@ -128,22 +158,52 @@ def _write_section(out, rng, spec, machine, section, part, n_train, n_test):
         name = clip_names(spec.year, section, domain, split, label, i, a)
         folder = split if split == "train" or spec.year != 2021 else f"{domain}_test"
         if part == "eval" and split == "test":
-            anon = f"section_{section}_{len(truth):04d}.wav"
+            k = next(numbers[domain if spec.year == 2021 else None])
+            anon = anonymous_name(spec.year, section, domain, int(k))
             truth.append((anon, label, domain, name))
             name = anon
         write_clip(root / folder / name, x)
-    if truth:
-        _write_ground_truth(root.parent, machine, section, truth)
-    return len(plan)
+    return len(plan), truth
+
+
+def _write_text(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _write_ground_truth(eval_dir, machine, section, truth):
-    """The organisers' three tables for one section, as their evaluator reads them."""
+    """The organisers' three tables for one section (2022+), rows sorted by file name."""
     stem = f"ground_truth_{machine}_section_{section}_test.csv"
     columns = {"ground_truth_data": lambda r: "1" if r[1] == "anomaly" else "0",
                "ground_truth_domain": lambda r: "1" if r[2] == "target" else "0",
                "ground_truth_attributes": lambda r: r[3].replace("_test_", "_")[:-4]}
     for folder, value in columns.items():
-        (eval_dir / folder).mkdir(parents=True, exist_ok=True)
-        lines = "".join(f"{r[0]},{value(r)}\n" for r in truth)
-        (eval_dir / folder / stem).write_text(lines)
+        _write_text(eval_dir / folder / stem,
+                    "".join(f"{r[0]},{value(r)}\n" for r in sorted(truth)))
+
+
+def _write_ground_truth_2021(eval_dir, machine, section, truth):
+    """2021: one file,label table per domain, as the 2021 evaluator reads them."""
+    for domain in data.DOMAINS:
+        stem = f"ground_truth_{machine}_section_{section}_{domain}_test.csv"
+        rows = [f"{r[0]},{int(r[1] == 'anomaly')}\n" for r in sorted(truth) if r[2] == domain]
+        _write_text(eval_dir / "ground_truth_data" / stem, "".join(rows))
+
+
+def _write_eval_data_list(eval_dir, rows_by_machine):
+    """2020: eval_data_list.csv, a machine-type line then 'file,labelled name,0|1' rows, sorted;
+    the blocks of machine types already in the file and not written now are kept as they are."""
+    path = eval_dir / data.EVAL_DATA_LIST
+    blocks = {}
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        if line and "," not in line:
+            machine = line
+            blocks[machine] = []
+        elif line:
+            blocks[machine].append(line)
+    for machine, rows in rows_by_machine.items():
+        blocks[machine] = [f"{r[0]},{r[3]},{int(r[1] == 'anomaly')}" for r in sorted(rows)]
+    _write_text(path, "".join(f"{m}\n" + "".join(f"{r}\n" for r in rows)
+                              for m, rows in blocks.items()))

@@ -1,0 +1,94 @@
+"""run_all.sh --quick end to end on synthetic data: every year 2020-2025 trained, tested on the
+dev and eval sets, evaluated, and packaged into submission folders holding exactly the files
+the organisers' evaluators read; a second run skips what is done and an interrupted one
+resumes where it stopped."""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import data
+import scoring
+
+ROOT = Path(__file__).resolve().parents[1]
+YEARS = tuple(data.YEARS)
+RUN_ALL_TIMEOUT = 900   # seconds; about 3 minutes on 2 CPU cores
+
+
+def run_all(out, *args):
+    done = subprocess.run(["bash", str(ROOT / "run_all.sh"), "--quick", "--out", str(out),
+                           "--device", "cpu", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHON": sys.executable}, timeout=RUN_ALL_TIMEOUT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run_all")
+    return out, run_all(out)
+
+
+def expected_submission(out, year):
+    """The submission names for the eval clips synthesised: each section (2021: and domain)
+    of the year's first eval machine type, scores and decisions, and the description."""
+    machine = list(data.get_year(year).eval)[0]
+    clips = data.list_clips(data.part_dir(out / "data", year, "eval"), year=year,
+                            machine=machine, split="test")
+    keys = {(c.section, c.domain if year == 2021 else None) for c in clips}
+    names = {scoring.result_filename(year, kind, machine, s, d)
+             for s, d in keys for kind in scoring.RESULT_KINDS}
+    return names | {"ae.meta.yaml"}, clips
+
+
+def test_every_year_gets_its_submission_folder(quick):
+    out, log = quick
+    for year in YEARS:
+        folder = out / f"submissions/dcase{year}/ae"
+        names, clips = expected_submission(out, year)
+        assert {p.name for p in folder.iterdir()} == names, year
+        rows = [r for n in names if n.startswith("anomaly_score")
+                for r in scoring.read_csv(folder / n)]
+        assert sorted(r[0] for r in rows) == sorted(c.name for c in clips)   # every clip once
+        for name in names - {"ae.meta.yaml"}:
+            if name.startswith("decision_result"):
+                assert {v for _, v in scoring.read_csv(folder / name)} <= {"0", "1"}
+        assert "DCASE %d Task 2" % year in (folder / "ae.meta.yaml").read_text()
+
+
+def test_names_are_the_evaluators(quick):
+    out, _ = quick
+    assert {p.name for p in (out / "submissions/dcase2020/ae").iterdir()} >= {
+        "anomaly_score_fan_id_01.csv", "decision_result_fan_id_03.csv"}
+    assert {p.name for p in (out / "submissions/dcase2021/ae").iterdir()} >= {
+        "anomaly_score_fan_section_03_source_test.csv",
+        "decision_result_fan_section_04_target_test.csv"}
+    assert {p.name for p in (out / "submissions/dcase2024/ae").iterdir()} >= {
+        "anomaly_score_3DPrinter_section_00_test.csv"}
+
+
+def test_dev_and_eval_sets_are_evaluated_with_the_official_rules(quick):
+    out, _ = quick
+    for year in YEARS:
+        for part in ("dev", "eval"):
+            run = out / f"runs/dcase{year}/ae/{part}"
+            with open(run / "results.csv") as f:
+                last = list(csv.DictReader(f))[-1]
+            assert last["machine"] == "official score" and 0 <= float(last["score"]) <= 1
+            assert (run / "results.md").exists() and (run / "results.json").exists()
+
+
+def test_second_run_skips_and_an_interrupted_run_resumes(quick):
+    out, _ = quick
+    model = out / "runs/dcase2021/ae/eval/models/fan/model.pt"
+    trained = model.stat().st_mtime_ns
+    (out / "runs/dcase2021/ae/eval/logs/test_fan.json").unlink()     # as if test had crashed
+    log = run_all(out, "--years", "2021")
+    steps = [line.split("] ", 1)[1] for line in log.splitlines() if line.startswith("== [")]
+    assert steps == ["dcase2021: dev fan; eval fan", "test 2021 ae eval fan",
+                     "evaluate 2021 ae eval", f"done: {out}/submissions"], log
+    assert model.stat().st_mtime_ns == trained                    # finished steps: skipped
+    assert "packaged 8 files" in log                              # newer results: repackaged
