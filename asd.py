@@ -99,10 +99,12 @@ def train_clips(args):
 
 def system_options(args, device):
     """The options a system is built with: the common ones and its own flags (saved with it)."""
-    own = {name: getattr(args, name) for name in systems.get_system(args.system).options}
-    return dict(year=args.year, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                seed=args.seed, device=device, cache_dir=None if args.no_cache else args.cache_dir,
-                **own)
+    cls = systems.get_system(args.system)
+    own = {name: getattr(args, name) for name in cls.options}
+    options = dict(year=args.year, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                   seed=args.seed, device=device,
+                   cache_dir=None if args.no_cache else args.cache_dir, **own)
+    return {**options, **cls.quick} if getattr(args, "quick", False) else options
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,7 +165,7 @@ def _check_resume(model_dir, args):
     if not (model_dir / "checkpoint.pt").exists():
         return
     old = json.loads((model_dir / "args.json").read_text())
-    keys = ("system", "epochs", "batch_size", "lr", "seed", "year", "part",
+    keys = ("system", "epochs", "batch_size", "lr", "seed", "year", "part", "quick",
             *systems.get_system(args.system).options)
     changed = [k for k in keys if old.get(k) != getattr(args, k)]
     if changed:
@@ -479,6 +481,9 @@ def add_model_flags(p):
                    help="learning rate; default: the system's paper (AE: 1e-3)")
     p.add_argument("--threshold-quantile", type=float, default=0.9,
                    help="decision threshold: this quantile of a gamma fit to training scores")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: the system's tiny settings (few epochs, small network) "
+                        "that exercise every step in seconds; not for results")
     for name, cls in systems.SYSTEMS.items():
         cls.add_flags(p.add_argument_group(f"{name}: {cls.description}"))
     add_compute_flags(p)

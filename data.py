@@ -39,7 +39,7 @@ class Year:
     eval: dict           # machine type -> sections of the evaluation set
     test_dirs: tuple     # folders below <machine>/ that hold test clips
     records: dict        # part ("dev", "train", "eval"; 2020 "truth") -> Zenodo record id
-    system: str          # the year's default system (its seed paper; "ae" until that is built)
+    system: str          # the year's default system: its seed paper; "ae" until that is built
     no_attribute: frozenset = field(default_factory=frozenset)  # attributes hidden in names
     extra_dirs: tuple = ()   # further clip folders (2025: supplemental/)
 
@@ -73,7 +73,7 @@ YEARS = {
                test_dirs=("test",),
                records={"dev": 3678171, "train": 3727685, "eval": 3841772,
                         "truth": 3951620},      # eval_data_list.csv, the eval labels
-               system="ae"),
+               system="shinmura2020"),
     2021: Year(2021,
                dev=_same(("fan", "gearbox", "pump", "slider", "ToyCar", "ToyTrain", "valve"),
                          ("00", "01", "02")),

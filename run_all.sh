@@ -26,7 +26,7 @@ DEVICE="auto"
 OUT=""                                       # default: . (runs/, submissions/); quick: quick/
 DATA_ROOT=""
 QUICK=0
-QUICK_TRAIN=(--epochs 2 --batch-size 128)   # enough to exercise every step, not to detect well
+QUICK_TRAIN=(--quick)                       # each system's smoke-run settings
 QUICK_SYNTH=(--n-train 10 --n-test 2)       # clips per section; test: per domain and label
 
 usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }

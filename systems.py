@@ -2,8 +2,9 @@
 
 A system is a class with `fit(clips, workdir)`, `score(clips) -> (n_clips,)`,
 `train_scores(clips)` (the training clips' scores that the decision threshold is fitted to),
-`state()` / `load_state(state)` for saving, and `add_flags(group)` / `options` for its own
-command-line flags; `SYSTEMS` maps the CLI names to them. Networks live in
+`state()` / `load_state(state)` for saving, `add_flags(group)` / `options` for its own
+command-line flags, and `quick`, the option values of a smoke run (`train --quick`);
+`SYSTEMS` maps the CLI names to them. Networks live in
 models.py, features in features.py, metrics and thresholds in scoring.py. This file also holds
 the on-disk log-mel cache that every system shares.
 
@@ -121,6 +122,7 @@ class AESystem:
     name = "ae"
     description = "official DCASE autoencoder baseline (dense AE on 5 log-mel frames)"
     options = ("ae_score",)
+    quick = dict(epochs=2, batch_size=128)      # a smoke run: every step, no detection quality
 
     @staticmethod
     def add_flags(group):
@@ -238,6 +240,8 @@ class Shinmura2020:
     options = ("width", "image_size", "arcface_scale", "arcface_margin", "generators",
                "pretrain", "pretrain_epochs", "pretrain_classes", "mixup_alpha",
                "hard_samples", "hard_factor", "ensemble")
+    quick = dict(epochs=2, batch_size=16, width=0.25, image_size=64, ensemble=1,
+                 pretrain_epochs=1)             # a smoke run: every step, no detection quality
 
     @staticmethod
     def add_flags(group):
@@ -271,6 +275,7 @@ class Shinmura2020:
         self.year, self.seed, self.device, self.cache_dir, self.log = year, seed, device, cache_dir, log
         self.epochs, self.batch_size, self.lr = epochs or 7, batch_size or 32, lr or 1e-4
         self.width, self.image_size = width, image_size
+        self.settings = dict(n_fft=512, hop=256, size=image_size, pad_mode="reflect")
         self.arcface = dict(scale=arcface_scale, margin=arcface_margin)
         self.generators = tuple(generators)
         self.pretrain, self.pretrain_epochs = pretrain, pretrain_epochs
@@ -282,8 +287,7 @@ class Shinmura2020:
 
     def images(self, clips):
         """dB spectrogram images of the clips, (N, size, size)."""
-        settings = dict(n_fft=512, hop=256, size=self.image_size, pad_mode="reflect")
-        return torch.stack(clip_features([c.path for c in clips], "spectrogram_image", settings,
+        return torch.stack(clip_features([c.path for c in clips], "spectrogram_image", self.settings,
                                          cache_dir=self.cache_dir, device=self.device))
 
     def normalise(self, images_db):

@@ -27,12 +27,12 @@ def run_cli(*argv):
 
 
 def flags(tmp, year, machine, part="dev"):
-    return ["--year", str(year), "--machine", machine, "--part", part,
+    return ["--year", str(year), "--system", "ae", "--machine", machine, "--part", part,
             "--data-root", tmp / "data", "--out", tmp / "runs", "--cache-dir", tmp / "cache"]
 
 
 def eval_flags(tmp, year, part="dev"):
-    return ["--year", str(year), "--part", part, "--data-root", tmp / "data", "--out", tmp / "runs"]
+    return ["--year", str(year), "--system", "ae", "--part", part, "--data-root", tmp / "data", "--out", tmp / "runs"]
 
 
 @pytest.fixture(scope="module")

@@ -84,7 +84,7 @@ def test_evaluate_eval_part_with_each_years_ground_truth(tmp_path, year, capsys)
     rng = np.random.default_rng(0)
     clips = write_results(tmp_path, year, machine,
                           lambda c: float(rng.random() + 0.6 * (c.label == "anomaly")))
-    run = ["--year", year, "--part", "eval", "--data-root", tmp_path / "data",
+    run = ["--year", year, "--system", "ae", "--part", "eval", "--data-root", tmp_path / "data",
            "--out", tmp_path / "runs"]
     assert asd.main(["evaluate", *run]) == 0
     out = tmp_path / f"runs/dcase{year}/ae/eval"
@@ -108,8 +108,8 @@ def test_evaluate_names_the_ground_truth_file_it_lacks(tmp_path, year, missing, 
     write_results(tmp_path, year, machine, lambda c: 0.5 + (c.label == "anomaly"))
     lacking = data.part_dir(tmp_path / "data", year, "eval") / missing.format(m=machine)
     lacking.unlink()
-    assert asd.main(["evaluate", "--year", year, "--part", "eval", "--data-root",
-                     tmp_path / "data", "--out", tmp_path / "runs"]) == 2
+    assert asd.main(["evaluate", "--year", year, "--system", "ae", "--part", "eval",
+                     "--data-root", tmp_path / "data", "--out", tmp_path / "runs"]) == 2
     err = capsys.readouterr().err.strip()
     assert str(lacking) in err and "\n" not in err
 

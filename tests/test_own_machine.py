@@ -37,7 +37,7 @@ def own(tmp_path_factory):
             labels[dest] = int(p.name.startswith("anomaly"))
     model = tmp / "model"
     assert asd.main(["train", "--normal-dir", tmp / "my_valve", "--out", model, "--year", 2020,
-                     "--cache-dir", tmp / "cache", *FAST]) == 0
+                     "--system", "ae", "--cache-dir", tmp / "cache", *FAST]) == 0
     return tmp, model, labels
 
 

@@ -41,27 +41,28 @@ def expected_submission(out, year):
     keys = {(c.section, c.domain if year == 2021 else None) for c in clips}
     names = {scoring.result_filename(year, kind, machine, s, d)
              for s, d in keys for kind in scoring.RESULT_KINDS}
-    return names | {"ae.meta.yaml"}, clips
+    return names | {f"{data.get_year(year).system}.meta.yaml"}, clips
 
 
 def test_every_year_gets_its_submission_folder(quick):
     out, log = quick
     for year in YEARS:
-        folder = out / f"submissions/dcase{year}/ae"
+        system = data.get_year(year).system                 # --systems auto: the default
+        folder = out / f"submissions/dcase{year}/{system}"
         names, clips = expected_submission(out, year)
         assert {p.name for p in folder.iterdir()} == names, year
         rows = [r for n in names if n.startswith("anomaly_score")
                 for r in scoring.read_csv(folder / n)]
         assert sorted(r[0] for r in rows) == sorted(c.name for c in clips)   # every clip once
-        for name in names - {"ae.meta.yaml"}:
+        for name in names - {f"{system}.meta.yaml"}:
             if name.startswith("decision_result"):
                 assert {v for _, v in scoring.read_csv(folder / name)} <= {"0", "1"}
-        assert "DCASE %d Task 2" % year in (folder / "ae.meta.yaml").read_text()
+        assert "DCASE %d Task 2" % year in (folder / f"{system}.meta.yaml").read_text()
 
 
 def test_names_are_the_evaluators(quick):
     out, _ = quick
-    assert {p.name for p in (out / "submissions/dcase2020/ae").iterdir()} >= {
+    assert {p.name for p in (out / "submissions/dcase2020/shinmura2020").iterdir()} >= {
         "anomaly_score_fan_id_01.csv", "decision_result_fan_id_03.csv"}
     assert {p.name for p in (out / "submissions/dcase2021/ae").iterdir()} >= {
         "anomaly_score_fan_section_03_source_test.csv",
@@ -74,7 +75,7 @@ def test_dev_and_eval_sets_are_evaluated_with_the_official_rules(quick):
     out, _ = quick
     for year in YEARS:
         for part in ("dev", "eval"):
-            run = out / f"runs/dcase{year}/ae/{part}"
+            run = out / f"runs/dcase{year}/{data.get_year(year).system}/{part}"
             with open(run / "results.csv") as f:
                 last = list(csv.DictReader(f))[-1]
             assert last["machine"] == "official score" and 0 <= float(last["score"]) <= 1
