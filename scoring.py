@@ -20,7 +20,9 @@ import tempfile
 import numpy as np
 from scipy import special
 
-YEARS = (2020, 2021, 2022, 2023, 2024, 2025)
+import data
+
+YEARS = tuple(data.YEARS)   # the single year table
 DOMAINS = ("source", "target")
 MAX_FPR = 0.1  # false-positive rate up to which pAUC is taken, every year
 DECISION_QUANTILE = 0.9  # quantile of the fitted gamma used as threshold by every baseline
