@@ -17,9 +17,13 @@ On disk, one layout for every year, exactly as the organisers' archives unpack b
 2021 has `source_test/` and `target_test/` in place of `test/`; 2025 adds `supplemental/`.
 `normal_clips` reads a plain folder of your own machine's normal recordings instead.
 Facts follow the organisers' task pages and their baseline repositories (nttcslab).
+It also holds `write_atomic`, the one writer that every output file of asd goes through.
 """
 import csv
+import json
+import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -366,3 +370,39 @@ def normal_clips(folder, *, year):
     if not clips:
         raise DataError(f"{folder}: no *.wav files here or in its sub-folders")
     return clips, sections
+
+
+# --------------------------------------------------------------------------------------------
+# The one atomic writer: every output file of asd goes through it
+
+def write_atomic(path, write, *, text=False):
+    """Write a file whole or not at all: write(f) fills a temporary file made in the same
+    folder with a unique name (two runs at once never share one), which is flushed, fsynced,
+    made readable by all (0644, as a plain file would be) and renamed over `path`. On any
+    error, a full disk or Ctrl-C included, `path` is untouched and the temporary file removed.
+    f is opened in binary mode, or as UTF-8 text with newline="" (for csv) when text=True."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with (os.fdopen(fd, "w", newline="", encoding="utf-8") if text else
+              os.fdopen(fd, "wb")) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)              # mkstemp makes 0600; outputs are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def write_text(path, text):
+    """write_atomic for a string (UTF-8)."""
+    return write_atomic(path, lambda f: f.write(text), text=True)
+
+
+def write_json(path, obj):
+    """write_atomic for JSON, indented; what json cannot hold (paths) is written as str."""
+    return write_text(path, json.dumps(obj, indent=2, default=str) + "\n")

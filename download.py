@@ -254,11 +254,7 @@ def _marker_path(dest, name):
 
 
 def _write_marker(dest, name, obj):
-    path = _marker_path(dest, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    data.write_text(_marker_path(dest, name), json.dumps(obj, indent=1) + "\n")
 
 
 def _read_marker(dest, name):

@@ -75,10 +75,7 @@ def clip_names(year, section, domain, split, label, i, attrs):
 
 
 def write_clip(path, x):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.wav")
-    sf.write(tmp, x, SR, subtype="PCM_16")
-    tmp.replace(path)
+    data.write_atomic(path, lambda f: sf.write(f, x, SR, subtype="PCM_16", format="WAV"))
 
 
 def synthesize(out, *, year, machines=None, n_train=20, n_test=10, seed=0, eval_part=True):
@@ -166,13 +163,6 @@ def _write_section(out, rng, spec, machine, section, part, n_train, n_test):
     return len(plan), truth
 
 
-def _write_text(path, text):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _write_ground_truth(eval_dir, machine, section, truth):
     """The organisers' three tables for one section (2022+), rows sorted by file name."""
     stem = f"ground_truth_{machine}_section_{section}_test.csv"
@@ -180,7 +170,7 @@ def _write_ground_truth(eval_dir, machine, section, truth):
                "ground_truth_domain": lambda r: "1" if r[2] == "target" else "0",
                "ground_truth_attributes": lambda r: r[3].replace("_test_", "_")[:-4]}
     for folder, value in columns.items():
-        _write_text(eval_dir / folder / stem,
+        data.write_text(eval_dir / folder / stem,
                     "".join(f"{r[0]},{value(r)}\n" for r in sorted(truth)))
 
 
@@ -189,7 +179,7 @@ def _write_ground_truth_2021(eval_dir, machine, section, truth):
     for domain in data.DOMAINS:
         stem = f"ground_truth_{machine}_section_{section}_{domain}_test.csv"
         rows = [f"{r[0]},{int(r[1] == 'anomaly')}\n" for r in sorted(truth) if r[2] == domain]
-        _write_text(eval_dir / "ground_truth_data" / stem, "".join(rows))
+        data.write_text(eval_dir / "ground_truth_data" / stem, "".join(rows))
 
 
 def _write_eval_data_list(eval_dir, rows_by_machine):
@@ -205,5 +195,5 @@ def _write_eval_data_list(eval_dir, rows_by_machine):
             blocks[machine].append(line)
     for machine, rows in rows_by_machine.items():
         blocks[machine] = [f"{r[0]},{r[3]},{int(r[1] == 'anomaly')}" for r in sorted(rows)]
-    _write_text(path, "".join(f"{m}\n" + "".join(f"{r}\n" for r in rows)
+    data.write_text(path, "".join(f"{m}\n" + "".join(f"{r}\n" for r in rows)
                               for m, rows in blocks.items()))
