@@ -15,24 +15,24 @@
 Runs go to <out>/dcase<YEAR>/<system>/<part>/: models/<machine>/ (weights, threshold, the
 arguments), results/ (the CSVs in the year's submission names), results.json (the scores).
 One function per subcommand; errors in the data end the run with one line naming the file.
+torch (and with it features, models and the systems' own modules) is imported only by the
+commands that train or score, so `list`, `--help` and `evaluate` start at once.
 """
 import argparse
+import inspect
 import json
 import os
 import platform
 import random
-import re
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import data
 import download
-import features
 import scoring
 import synth
 import systems
@@ -46,24 +46,13 @@ def run_dir(args):
 
 
 def versions():
+    import torch
     return {"python": platform.python_version(), "torch": torch.__version__,
             "numpy": np.__version__, "argv": sys.argv}
 
 
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
-
-
-def write_text(path, text):
-    """Write text atomically: a temporary file in the same folder, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def seed_everything(seed):
+    import torch
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -72,6 +61,7 @@ def seed_everything(seed):
 
 
 def pick_device(name):
+    import torch
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
@@ -97,14 +87,26 @@ def train_clips(args):
     return clips
 
 
+def pretrain_pool(args):
+    """The training clips of every machine type in the folder the run trains from (the dev
+    folder first, as train_clips), for a system that pre-trains across machine types."""
+    if args.normal_dir:
+        return None                              # the system pre-trains on the clips it fits
+    spec = data.get_year(args.year)
+    folder = data_folder(args)
+    if args.part == "eval" and not args.data_dir and args.machine in spec.dev:
+        folder = data.part_dir(args.data_root, args.year, "dev")
+    return [c for m in spec.machines if (folder / m / "train").is_dir()
+            for c in data.list_clips(folder, year=args.year, machine=m, split="train")]
+
+
 def system_options(args, device):
     """The options a system is built with: the common ones and its own flags (saved with it)."""
-    cls = systems.get_system(args.system)
-    own = {name: getattr(args, name) for name in cls.options}
-    options = dict(year=args.year, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                   seed=args.seed, device=device,
-                   cache_dir=None if args.no_cache else args.cache_dir, **own)
-    return {**options, **cls.quick} if getattr(args, "quick", False) else options
+    own = systems.own_options(systems.get_system(args.system))
+    return dict(year=args.year, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                seed=args.seed, device=device,
+                cache_dir=None if args.no_cache else args.cache_dir,
+                **{name: getattr(args, name) for name in own})
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,7 +131,7 @@ def cmd_train(args):
         shutil.rmtree(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     _check_resume(model_dir, args)
-    write_json(model_dir / "args.json", {**vars(args), **versions()})
+    data.write_json(model_dir / "args.json", {**vars(args), **versions()})
     clips = clips if args.normal_dir else train_clips(args)
     fit_and_save(args, clips, model_dir, about)
 
@@ -138,23 +140,28 @@ def fit_and_save(args, clips, model_dir, about):
     """Fit the system on the clips, fit the gamma threshold on their scores, and save a
     self-describing model folder: model.pt (system, options, weights), threshold.json, and
     model.json (what `score` needs: system, year, feature settings, threshold, sections)."""
+    import train
     device = pick_device(args.device)
     print(f"train {args.system} on {len(clips)} clips of {about['machine']} ({args.year} "
           f"recipe) on {device}")
-    system = systems.get_system(args.system)(**system_options(args, device))
+    cls = systems.get_system(args.system)
+    system = cls(**system_options(args, device))
     t0 = time.time()
-    system.fit(clips, model_dir)
-    train_scores = system.train_scores(clips)
+    if "pretrain_clips" in inspect.signature(cls.fit).parameters:
+        system.fit(clips, model_dir, pretrain_clips=pretrain_pool(args))
+    else:
+        system.fit(clips, model_dir)
+    train_scores = system.train_scores()
     threshold = scoring.gamma_threshold(train_scores, q=args.threshold_quantile)
     options = system_options(args, "cpu")
-    systems.save_atomic({"system": args.system, "options": options, "state": system.state()},
-                        model_dir / "model.pt")
-    write_json(model_dir / "threshold.json", {"threshold": threshold, "quantile":
+    train.save({"system": args.system, "options": options, "state": system.state()},
+               model_dir / "model.pt")
+    data.write_json(model_dir / "threshold.json", {"threshold": threshold, "quantile":
                                               args.threshold_quantile,
                                               "train_scores": train_scores.tolist()})
-    write_json(model_dir / "model.json", {
+    data.write_json(model_dir / "model.json", {
         "system": args.system, "year": args.year, "options": options,
-        "features": getattr(system, "settings", None), "threshold": threshold,
+        "features": system.settings, "threshold": threshold,
         "threshold_quantile": args.threshold_quantile, "n_train": len(clips), **about})
     (model_dir / "checkpoint.pt").unlink(missing_ok=True)
     print(f"trained in {time.time() - t0:.1f} s; gamma threshold {threshold:.4g} -> {model_dir}")
@@ -166,7 +173,7 @@ def _check_resume(model_dir, args):
         return
     old = json.loads((model_dir / "args.json").read_text())
     keys = ("system", "epochs", "batch_size", "lr", "seed", "year", "part", "quick",
-            *systems.get_system(args.system).options)
+            *systems.own_options(systems.get_system(args.system)))
     changed = [k for k in keys if old.get(k) != getattr(args, k)]
     if changed:
         raise ValueError(f"{model_dir}: an interrupted run with other {', '.join(changed)} is "
@@ -178,6 +185,7 @@ def _check_resume(model_dir, args):
 
 
 def load_model(model_dir, device, cache_dir):
+    import torch
     path = Path(model_dir) / "model.pt"
     if not path.exists():
         raise ValueError(f"{path}: no trained model; run 'python asd.py train' first")
@@ -213,7 +221,7 @@ def cmd_test(args):
         scoring.write_csv(results / score_name, [(clips[i].name, scores[i]) for i in idx])
         scoring.write_csv(results / decision_name,
                           [(clips[i].name, int(scores[i] > threshold)) for i in idx])
-    write_json(run_dir(args) / "logs" / f"test_{args.machine}.json", {**vars(args), **versions()})
+    data.write_json(run_dir(args) / "logs" / f"test_{args.machine}.json", {**vars(args), **versions()})
     print(f"scored {len(clips)} clips of {args.machine} -> {results}")
 
 
@@ -245,6 +253,7 @@ def cmd_score(args):
         raise ValueError(f"{about_path}: not found; --model must be a folder written by "
                          f"'python asd.py train' (model.pt, threshold.json, model.json)")
     about = json.loads(about_path.read_text())
+    import features
     system, threshold = load_model(args.model, pick_device(args.device), None)
     sections = about.get("sections", {})
     rows, failed = [], []
@@ -275,10 +284,6 @@ def cmd_score(args):
 # --------------------------------------------------------------------------------------------
 # evaluate
 
-RESULT_NAME = re.compile(r"^anomaly_score_(?P<machine>.+?)_(?:id|section)_(?P<section>\d\d)"
-                         r"(?:_(?P<domain>source|target))?(?:_test)?\.csv$")
-
-
 def labelled_rows(args):
     """One row per scored clip: machine, section, domain, label, score, decision."""
     results = run_dir(args) / "results"
@@ -287,7 +292,7 @@ def labelled_rows(args):
         raise ValueError(f"{results}: no anomaly_score_*.csv; run 'python asd.py test' first")
     rows = []
     for path in files:
-        m = RESULT_NAME.match(path.name)
+        m = scoring.RESULT_NAME.match(path.name)
         if not m:
             raise ValueError(f"{path}: not a result file name of {args.year}")
         truth = _truth(args, m["machine"], m["section"])
@@ -330,10 +335,10 @@ def cmd_evaluate(args):
     result = scoring.official_score(args.year, labelled_rows(args))
     header, rows = scoring.comparison_rows(result, with_baseline=args.part == "dev")
     markdown = scoring.format_markdown(header, rows)
-    write_json(out, {**result, "args": {**vars(args), **versions()}})
-    write_text(run_dir(args) / "results.txt", scoring.format_table(result) + "\n")
+    data.write_json(out, {**result, "args": {**vars(args), **versions()}})
+    data.write_text(run_dir(args) / "results.txt", scoring.format_table(result) + "\n")
     scoring.write_table_csv(run_dir(args) / "results.csv", header, rows)
-    write_text(run_dir(args) / "results.md", markdown + "\n")
+    data.write_text(run_dir(args) / "results.md", markdown + "\n")
     print(scoring.format_table(result))
     print(f"\nbeside the official baseline's published {args.part} figures "
           f"(empty: not published):\n{markdown}")
@@ -363,7 +368,7 @@ def cmd_package(args):
                          f"eval' first")
     names, machines = [], set()
     for path in files:
-        m = RESULT_NAME.match(path.name)
+        m = scoring.RESULT_NAME.match(path.name)
         if not m or path.name != scoring.result_filename(args.year, "anomaly_score", m["machine"],
                                                          m["section"], m["domain"]):
             raise ValueError(f"{path}: not a {args.year} submission name")
@@ -378,7 +383,7 @@ def cmd_package(args):
     tmp.mkdir(parents=True)
     for name in names:
         shutil.copy2(results / name, tmp / name)
-    write_text(tmp / f"{args.system}.meta.yaml", system_description(args, sorted(machines)))
+    data.write_text(tmp / f"{args.system}.meta.yaml", system_description(args, sorted(machines)))
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)                      # the folder appears whole or not at all
@@ -394,7 +399,7 @@ def system_description(args, machines):
     lines = ["# Written by 'python asd.py package'. Before submitting, rename this folder and",
              "# file to the organisers' label (<Lastname>_<Institute>_task2_<n>), add authors.",
              "submission:", f"  label: {json.dumps(args.system)}",
-             f"  name: {json.dumps(systems.get_system(args.system).description)}",
+             f"  name: {json.dumps(systems.description(args.system))}",
              f"  challenge: {json.dumps(f'DCASE {args.year} Task 2')}",
              "system:", "  software: asd (this repository), python asd.py train/test",
              f"  machine_types: {json.dumps(machines)}",
@@ -435,8 +440,8 @@ def cmd_list(args):
     if args.what == "years":
         print("\n".join(map(str, data.YEARS)))
     elif args.what == "systems":
-        for name, cls in systems.SYSTEMS.items():
-            print(f"{name:12s} {cls.description}")
+        for name, (_, _, about) in systems.SYSTEMS.items():
+            print(f"{name:12s} {about}")
     elif args.what == "default-system":
         print(data.get_year(args.year).system)
     else:
@@ -471,21 +476,31 @@ def add_run_flags(p):
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
 
 
-def add_model_flags(p):
-    """Training flags: the common ones, then each system's own (a group per system)."""
-    p.add_argument("--epochs", type=int, default=None,
-                   help="training epochs; default: the system's paper (AE: 100)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="batch size; default: the system's paper (AE: 512 to 2022, 256 after)")
-    p.add_argument("--lr", type=float, default=None,
-                   help="learning rate; default: the system's paper (AE: 1e-3)")
+def count(text):
+    """argparse type: a whole number >= 0 (0 epochs is honoured, never read as 'the default')."""
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be 0 or more")
+    return n
+
+
+def add_model_flags(p, system, year, quick):
+    """Training flags: the common ones, then the chosen system's own group. Defaults are the
+    system's paper values for the year (--quick: its smoke-run values); a flag given on the
+    command line always wins. Only one system's flags are in a parser, so two systems may
+    share a flag name (--mixup-alpha, --ensemble), each with its own default."""
+    p.add_argument("--epochs", type=count, default=None, help="training epochs (the paper's)")
+    p.add_argument("--batch-size", type=count, default=None, help="batch size (the paper's)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (the paper's)")
     p.add_argument("--threshold-quantile", type=float, default=0.9,
                    help="decision threshold: this quantile of a gamma fit to training scores")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: the system's tiny settings (few epochs, small network) "
                         "that exercise every step in seconds; not for results")
-    for name, cls in systems.SYSTEMS.items():
-        cls.add_flags(p.add_argument_group(f"{name}: {cls.description}"))
+    if system is not None:
+        cls = systems.get_system(system)
+        cls.add_flags(p.add_argument_group(f"{system}: {systems.description(system)}"))
+        p.set_defaults(**{**cls.defaults(year), **(cls.quick if quick else {})})
     add_compute_flags(p)
 
 
@@ -497,7 +512,8 @@ def add_compute_flags(p):
     p.add_argument("--no-cache", action="store_true", help="do not cache features on disk")
 
 
-def build_parser():
+def build_parser(system=None, year=2020, quick=False):
+    """The whole parser; train and demo hold the flags of `system` alone (see `phase_one`)."""
     parser = argparse.ArgumentParser(prog="asd.py", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -505,7 +521,7 @@ def build_parser():
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("train", help="train one machine type's model, or your own machine's",
                        formatter_class=fmt)
-    add_run_flags(p), add_model_flags(p)
+    add_run_flags(p), add_model_flags(p, system, year, quick)
     p.add_argument("--machine", default=None, help="machine type, e.g. valve")
     p.add_argument("--normal-dir", default=None,
                    help="instead of --machine: a folder of your own machine's normal recordings "
@@ -531,7 +547,7 @@ def build_parser():
                    help="eval part: folder holding ground_truth_data/ (default: the data dir)")
     p.set_defaults(func=cmd_evaluate)
     add_download_parsers(sub, fmt)
-    add_data_parsers(sub, fmt)
+    add_data_parsers(sub, fmt, system, year, quick)
     return parser
 
 
@@ -562,7 +578,7 @@ def add_download_parsers(sub, fmt):
     p.set_defaults(func=cmd_package)
 
 
-def add_data_parsers(sub, fmt):
+def add_data_parsers(sub, fmt, system, year, quick):
     p = sub.add_parser("synth", help="write a small synthetic data set", formatter_class=fmt)
     p.add_argument("--year", type=int, default=2020, help="file layout of this DCASE year")
     p.add_argument("--out", default=str(data.DEFAULT_DATA_ROOT), help="data root to write")
@@ -579,7 +595,7 @@ def add_data_parsers(sub, fmt):
     p.add_argument("--force", action="store_true", help="overwrite an earlier demo's results")
     p.add_argument("--n-train", type=int, default=20, help="training clips per section")
     p.add_argument("--n-test", type=int, default=10, help="test clips per section/domain/label")
-    add_model_flags(p)
+    add_model_flags(p, system, year, quick)
     p.set_defaults(func=cmd_demo, epochs=30, batch_size=64)   # small data: more steps
     p = sub.add_parser("list", help="years, systems, or a year's machines and sections",
                        formatter_class=fmt)
@@ -595,16 +611,35 @@ def add_data_parsers(sub, fmt):
     p.set_defaults(func=cmd_bench)
 
 
+def phase_one(argv):
+    """--system, --year and --quick of a train or demo command, read before the full parser is
+    built, since that parser holds only this system's flags: (system, year, quick). The other
+    commands need no system's flags: (None, 2020, False)."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in ("train", "demo"):
+        return None, 2020, False
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--system", default="auto")
+    pre.add_argument("--year", type=int, default=2022 if command == "demo" else 2020)
+    pre.add_argument("--quick", action="store_true")
+    known, _ = pre.parse_known_args(argv)
+    system = data.get_year(known.year).system if known.system == "auto" else known.system
+    systems.description(system)                     # an unknown name: error listing the valid
+    return system, known.year, known.quick
+
+
 def main(argv=None):
-    args = build_parser().parse_args(None if argv is None else [str(a) for a in argv])
-    if getattr(args, "system", None) == "auto":
-        args.system = data.get_year(args.year).system
-    if hasattr(args, "seed"):
-        seed_everything(args.seed)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    debug = "--debug" in argv
     try:
+        args = build_parser(*phase_one(argv)).parse_args(argv)
+        if getattr(args, "system", None) == "auto":
+            args.system = data.get_year(args.year).system
+        if args.command in ("train", "test", "score", "demo"):
+            seed_everything(args.seed if hasattr(args, "seed") else 0)
         args.func(args)
     except (ValueError, OSError) as e:        # data, audio, scoring errors: one line, no trace
-        if args.debug:
+        if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,12 +12,18 @@ year's settings, below 1e-3 dB: 4e-5 dB on noise plus tones, 1.5e-4 dB on the re
 dev clips, 6e-4 dB on the quieter DCASE 2024 RoboticArm clips. Float32 rounding grows in dB
 as a band nears digital silence, so quiet bands dominate these figures.
 
+Also each system's deterministic input representation (Shinmura's spectrogram images) and the
+on-disk feature cache every system reads its inputs through (`clip_features`).
+
 Left out: resampling and down-mixing (a wrong rate or channel count is an error, not a
-silent fix), other windows than Hann, and data augmentation.
+silent fix), other windows than Hann, and data augmentation (augment.py: anything random).
 """
 
 import functools
+import hashlib
+import json
 import math
+import os
 import struct
 import sys
 import warnings
@@ -26,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+
+import data
 
 SR = 16000  # Hz, every DCASE Task 2 data set 2020-2025
 N_FFT = 1024  # samples, 64 ms window at 16 kHz
@@ -317,82 +325,50 @@ def spectrogram_image(x, *, n_fft: int = 512, hop: int = 256, size: int = 224,
 
 
 # --------------------------------------------------------------------------------------------
-# Generated anomalies (Shinmura 2020, section 3.1, figure 3). Each takes dB spectrogram images
-# (B, F, T), low frequencies first, and a torch.Generator, and returns new images of the same
-# shape. Noise is added in the power domain, at a level drawn relative to each image's mean
-# power, so that it is heard over the machine rather than replacing it. Levels are our choice:
-# the paper shows the generated spectrograms but gives no numbers.
+# The on-disk feature cache: one .npy per clip, keyed by the file's identity and every setting
 
-NOISE_DB = (-10.0, 5.0)   # added noise power relative to the image's mean power, dB range
-LINE_DB = (5.0, 20.0)     # the slight line's level above the image's mean power, dB range
+CACHE_VERSION = 1   # bump when a feature function changes what it returns
+FEATURES = {"log_mel": log_mel, "spectrogram_image": spectrogram_image}
 
 
-def _uniform(gen, shape, low, high, like):
-    return low + (high - low) * torch.rand(shape, generator=gen).to(like.device, like.dtype)
+def cache_key(path, kind, settings):
+    """A key that changes when the file (path, size, mtime), the feature kind or any of its
+    settings changes: a stale entry can never be read back."""
+    st = os.stat(path)
+    ident = {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+             "kind": kind, "settings": settings, "version": CACHE_VERSION}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
-def _add_power(spec_db, noise_power):
-    """Add noise_power (linear, relative to each image's mean power) to dB images."""
-    power = 10.0 ** (spec_db / 10.0)
-    mean = power.mean(dim=(-2, -1), keepdim=True)
-    return 10.0 * torch.log10(power + mean * noise_power)
-
-
-def _noise_level(gen, spec_db):
-    return 10.0 ** (_uniform(gen, (len(spec_db), 1, 1), *NOISE_DB, spec_db) / 10.0)
-
-
-def white_noise(spec_db, gen) -> torch.Tensor:
-    """Noise of equal expected power in every frequency bin: disturbs the whole spectrum."""
-    fluct = torch.empty(spec_db.shape).exponential_(generator=gen).to(spec_db)  # noise power
-    return _add_power(spec_db, _noise_level(gen, spec_db) * fluct)
-
-
-def pink_noise(spec_db, gen) -> torch.Tensor:
-    """Noise whose power falls as 1/f across the rows: disturbs the low frequencies, where many
-    machines have their characteristic sound."""
-    n_freq = spec_db.shape[-2]
-    tilt = 1.0 / torch.arange(1, n_freq + 1, dtype=spec_db.dtype, device=spec_db.device)
-    tilt = (tilt * n_freq / tilt.sum())[:, None]        # (F, 1), mean 1 over the rows
-    fluct = torch.empty(spec_db.shape).exponential_(generator=gen).to(spec_db)
-    return _add_power(spec_db, _noise_level(gen, spec_db) * tilt * fluct)
-
-
-def slight_line(spec_db, gen) -> torch.Tensor:
-    """A thin line at one high frequency (upper half of the rows), switched on and off
-    periodically: the squeal of a dry bearing."""
-    b, n_freq, n_time = spec_db.shape
-    rows = torch.randint(n_freq // 2, n_freq - 1, (b,), generator=gen)
-    periods = torch.randint(4, max(5, n_time // 4), (b,), generator=gen)
-    out = spec_db.clone()
-    level = _uniform(gen, (b,), *LINE_DB, spec_db)
-    mean_db = 10.0 * torch.log10((10.0 ** (spec_db / 10.0)).mean(dim=(-2, -1)))  # (B,)
-    for i in range(b):
-        on = (torch.arange(n_time) % periods[i]) < (periods[i] + 1) // 2
-        line = torch.maximum(out[i, rows[i], on], mean_db[i] + level[i])
-        out[i, rows[i], on] = line
+def clip_features(paths, kind, settings, *, sr=SR, cache_dir=None, device="cpu", batch=64):
+    """FEATURES[kind](wave, **settings) of every clip, read from the cache where present.
+    Returns [(..., T_i) tensors], one per clip, on the CPU."""
+    out, todo = [None] * len(paths), []
+    key = {"sr": sr, **settings}
+    for i, p in enumerate(paths):
+        hit = cache_dir and Path(cache_dir) / f"{cache_key(p, kind, key)}.npy"
+        if hit and hit.exists():
+            out[i] = torch.from_numpy(np.load(hit))
+        else:
+            todo.append(i)
+    for start in range(0, len(todo), batch):
+        chunk = todo[start:start + batch]
+        waves = [load_wav(paths[i], sr=sr) for i in chunk]
+        for i, feat in zip(chunk, _batched(FEATURES[kind], waves, settings, device)):
+            out[i] = feat
+            if cache_dir:
+                array = feat.numpy()
+                data.write_atomic(Path(cache_dir) / f"{cache_key(paths[i], kind, key)}.npy",
+                                  lambda f: np.save(f, array))
     return out
 
 
-def average_hz(spec_db, gen=None) -> torch.Tensor:
-    """Each frequency row replaced by its mean over time: the spectrum stays, the machine's
-    rhythm in time is gone."""
-    return spec_db.mean(dim=-1, keepdim=True).expand_as(spec_db).clone()
-
-
-GENERATORS = {"white": white_noise, "pink": pink_noise, "line": slight_line,
-              "average": average_hz}
-
-
-def generate_anomalies(spec_db, gen, *, kinds=tuple(GENERATORS)) -> torch.Tensor:
-    """Apply one generator, drawn per image from `kinds`, to each image of (B, F, T)."""
-    unknown = [k for k in kinds if k not in GENERATORS]
-    if unknown or not kinds:
-        raise ValueError(f"unknown generators {unknown}; valid: {', '.join(GENERATORS)}")
-    pick = torch.randint(len(kinds), (len(spec_db),), generator=gen)
-    out = torch.empty_like(spec_db)
-    for k, name in enumerate(kinds):
-        idx = (pick == k).nonzero().flatten().to(spec_db.device)
-        if len(idx):
-            out[idx] = GENERATORS[name](spec_db[idx], gen)
-    return out
+def _batched(fn, waves, settings, device):
+    """Clips of equal length go through the feature function together."""
+    feats = [None] * len(waves)
+    for n in sorted({len(w) for w in waves}):
+        idx = [i for i, w in enumerate(waves) if len(w) == n]
+        x = torch.from_numpy(np.stack([waves[i] for i in idx])).to(device)   # (B, n)
+        for i, feat in zip(idx, fn(x, **settings).cpu()):                   # (B, ..., T)
+            feats[i] = feat
+    return feats

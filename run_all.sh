@@ -19,7 +19,7 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
 PYTHON="${PYTHON:-python}"
-YEARS="2020 2021 2022 2023 2024 2025"
+YEARS=""                                     # default: every year `asd.py list years` gives
 MACHINES=""
 SYSTEMS="auto"
 DEVICE="auto"
@@ -57,6 +57,7 @@ if [ "$QUICK" = 1 ]; then
 fi
 RUNS="$OUT/runs"
 asd() { "$PYTHON" "$HERE/asd.py" "$@"; }
+if [ -z "$YEARS" ]; then YEARS=$(asd list years | xargs); fi
 START=$(date +%s)
 say() { echo "== [$(( $(date +%s) - START )) s] $*"; }
 

@@ -14,11 +14,9 @@ and reading the ground truth (the dataset module's job: rows arrive here already
 """
 import csv
 import math
-import os
-import tempfile
+import re
 
 import numpy as np
-from scipy import special
 
 import data
 
@@ -367,6 +365,7 @@ def fit_gamma(scores):
     fixed the MLE is unique. The shape k solves log(k) - digamma(k) = log(mean) - mean(log x),
     by Newton steps on log(k) from Minka's (2002) closed-form approximation; scale = mean / k.
     """
+    from scipy import special     # here, not at the top: `asd.py list` stays fast
     x = np.asarray(scores, dtype=float)
     if x.ndim != 1 or x.size < 2:
         raise ScoringError(f"gamma fit needs at least 2 scores in a 1-D array, got shape {x.shape}")
@@ -400,6 +399,7 @@ def fit_gamma(scores):
 
 def gamma_threshold(scores, q=DECISION_QUANTILE):
     """Decision threshold: the q-quantile of the gamma fitted to (training) scores."""
+    from scipy import special
     if not 0 < q < 1:
         raise ScoringError(f"quantile q must lie in (0, 1), got {q!r}")
     shape, loc, scale = fit_gamma(scores)
@@ -408,6 +408,10 @@ def gamma_threshold(scores, q=DECISION_QUANTILE):
 
 # ---------------------------------------------------------------------------------------
 # Submission files: anomaly_score_*.csv and decision_result_*.csv
+
+RESULT_NAME = re.compile(r"^anomaly_score_(?P<machine>.+?)_(?:id|section)_(?P<section>\d\d)"
+                         r"(?:_(?P<domain>source|target))?(?:_test)?\.csv$")   # result_filename's
+
 
 def result_filename(year, kind, machine, section, domain=None):
     """File name the `year` evaluator reads; kind in RESULT_KINDS, section like "00" (the
@@ -441,27 +445,16 @@ def _format_field(value):
 
 
 def write_csv(path, rows):
-    """Write rows of (file_name, value) with no header, atomically: a temporary file in the
-    same folder, flushed and fsynced, then os.replace; on any error the target is untouched."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            for i, row in enumerate(rows):
-                if len(row) != 2:
-                    raise ScoringError(f"{path}: row {i} has {len(row)} fields, "
-                                       f"expected 2 (file_name, value): {row!r}")
-                writer.writerow([_format_field(v) for v in row])
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        # re-raised below; only the half-written temporary file is removed
-        os.unlink(tmp)
-        raise
+    """Write rows of (file_name, value) with no header, atomically (data.write_atomic): on any
+    error, a bad row included, the target is untouched."""
+    def write(f):
+        writer = csv.writer(f, lineterminator="\n")
+        for i, row in enumerate(rows):
+            if len(row) != 2:
+                raise ScoringError(f"{path}: row {i} has {len(row)} fields, "
+                                   f"expected 2 (file_name, value): {row!r}")
+            writer.writerow([_format_field(v) for v in row])
+    data.write_atomic(path, write, text=True)
 
 
 def read_csv(path):
@@ -483,26 +476,17 @@ def read_csv(path):
 
 
 def write_table_csv(path, header, rows):
-    """Write a CSV with a header row atomically (temporary file, then os.replace); rows are
-    sequences as long as the header; None is written as an empty cell."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(header)
-            for row in rows:
-                if len(row) != len(header):
-                    raise ScoringError(f"{path}: row of {len(row)} fields under a header of "
-                                       f"{len(header)}: {row!r}")
-                writer.writerow(["" if v is None else _format_field(v) for v in row])
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write a CSV with a header row atomically (data.write_atomic); rows are sequences as long
+    as the header; None is written as an empty cell."""
+    def write(f):
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(header)
+        for row in rows:
+            if len(row) != len(header):
+                raise ScoringError(f"{path}: row of {len(row)} fields under a header of "
+                                   f"{len(header)}: {row!r}")
+            writer.writerow(["" if v is None else _format_field(v) for v in row])
+    data.write_atomic(path, write, text=True)
 
 
 # ---------------------------------------------------------------------------------------

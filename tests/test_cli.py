@@ -93,22 +93,22 @@ def test_same_seed_same_scores_and_no_overwrite_without_force(trained2020):
 
 
 def test_interrupted_training_resumes_to_the_same_model(trained2020, tmp_path, monkeypatch):
-    import systems
+    import train
     run = flags(trained2020, 2020, "valve")
     run[run.index("--out") + 1] = tmp_path / "runs"
-    real_epoch, calls = systems.AESystem._epoch, []
+    real_save, saved = train.save, []
 
-    def crash_after_5(self, *a):
-        if len(calls) == 5:
+    def crash_after_5(obj, path):                       # Ctrl-C right after epoch 5's checkpoint
+        real_save(obj, path)
+        saved.append(path)
+        if len(saved) == 5:
             raise KeyboardInterrupt("simulated crash")
-        calls.append(1)
-        return real_epoch(self, *a)
-    monkeypatch.setattr(systems.AESystem, "_epoch", crash_after_5)
+    monkeypatch.setattr(train, "save", crash_after_5)
     with pytest.raises(KeyboardInterrupt):
         asd.main(["train", *run, *FAST])
     model_dir = tmp_path / "runs/dcase2020/ae/dev/models/valve"
     assert (model_dir / "checkpoint.pt").exists() and not (model_dir / "model.pt").exists()
-    monkeypatch.setattr(systems.AESystem, "_epoch", real_epoch)
+    monkeypatch.setattr(train, "save", real_save)
     assert asd.main(["train", *run, *FAST]) == 0          # resumes from epoch 5
     full = trained2020 / "runs/dcase2020/ae/dev/models/valve/threshold.json"
     assert (model_dir / "threshold.json").read_text() == full.read_text()
@@ -169,8 +169,9 @@ def test_missing_folder_and_unknown_machine_give_one_line(tmp_path):
 def test_list_and_help():
     code, out = run_cli("list", "machines", "--year", 2023, "--part", "eval")
     assert code == 0 and "ToyDrone" in out.split() and "fan" not in out.split()
-    code, out = run_cli("train", "--help")
-    assert code == 0 and "--epochs" in out and "--ae-score" in out and "(default: 0.9)" in out
+    code, out = run_cli("train", "--system", "ae", "--year", 2023, "--help")
+    assert code == 0 and "--ae-score" in out and "(default: 0.9)" in out
+    assert "--width" not in out and "(default: 256)" in out     # the 2023 AE's batch size
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} not present")

@@ -1,7 +1,9 @@
-"""run_all.sh --quick end to end on synthetic data: every year 2020-2025 trained, tested on the
-dev and eval sets, evaluated, and packaged into submission folders holding exactly the files
-the organisers' evaluators read; a second run skips what is done and an interrupted one
-resumes where it stopped."""
+"""run_all.sh --quick end to end on synthetic data: 2020, 2021 and 2023 (the three naming and
+metric families; 2022 shares 2021's names less the domain folders, 2024-2025 share 2023's)
+trained, tested on the dev and eval sets, evaluated, and packaged into submission folders
+holding exactly the files the organisers' evaluators read; a second run skips what is done
+and an interrupted one resumes where it stopped. Without --years it runs every year that
+`asd.py list years` gives (test_years_come_from_the_cli)."""
 import csv
 import os
 import subprocess
@@ -14,7 +16,7 @@ import data
 import scoring
 
 ROOT = Path(__file__).resolve().parents[1]
-YEARS = tuple(data.YEARS)
+YEARS = (2020, 2021, 2023)
 RUN_ALL_TIMEOUT = 900   # seconds; about 3 minutes on 2 CPU cores
 
 
@@ -29,7 +31,7 @@ def run_all(out, *args):
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("run_all")
-    return out, run_all(out)
+    return out, run_all(out, "--years", " ".join(map(str, YEARS)))
 
 
 def expected_submission(out, year):
@@ -67,8 +69,8 @@ def test_names_are_the_evaluators(quick):
     assert {p.name for p in (out / "submissions/dcase2021/ae").iterdir()} >= {
         "anomaly_score_fan_section_03_source_test.csv",
         "decision_result_fan_section_04_target_test.csv"}
-    assert {p.name for p in (out / "submissions/dcase2024/ae").iterdir()} >= {
-        "anomaly_score_3DPrinter_section_00_test.csv"}
+    assert {p.name for p in (out / "submissions/dcase2023/ae").iterdir()} >= {
+        "anomaly_score_bandsaw_section_00_test.csv"}
 
 
 def test_dev_and_eval_sets_are_evaluated_with_the_official_rules(quick):
@@ -93,3 +95,12 @@ def test_second_run_skips_and_an_interrupted_run_resumes(quick):
                      "evaluate 2021 ae eval", f"done: {out}/submissions"], log
     assert model.stat().st_mtime_ns == trained                    # finished steps: skipped
     assert "packaged 8 files" in log                              # newer results: repackaged
+
+
+def test_years_come_from_the_cli(tmp_path):
+    """No --years: every year of `asd.py list years` (a machine filter that matches nothing
+    keeps it to the listing: no data, no training)."""
+    log = run_all(tmp_path, "--machines", "no-such-machine")
+    years = [line.split("] ", 1)[1].split(":")[0] for line in log.splitlines()
+             if line.startswith("== [") and ": dev " in line]
+    assert years == [f"dcase{y}" for y in data.YEARS], log

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import asd
+import augment
 import features
 import models
 import synth
-import systems
+from systems import shinmura2020
 
 
 def test_mobilenetv2_follows_the_layer_table():
@@ -73,15 +74,15 @@ def added_power(before, after):
 
 def test_average_hz_is_constant_along_time_and_keeps_the_spectrum():
     x = images()
-    out = features.average_hz(x)
+    out = augment.average_hz(x)
     assert torch.allclose(out, out[..., :1].expand_as(out))
     assert torch.allclose(out.mean(-1), x.mean(-1), atol=1e-4)
 
 
 def test_pink_noise_falls_with_frequency_white_noise_does_not():
     x, gen = images(b=64), torch.Generator().manual_seed(1)
-    pink = added_power(x, features.pink_noise(x, gen))
-    white = added_power(x, features.white_noise(x, gen))
+    pink = added_power(x, augment.pink_noise(x, gen))
+    white = added_power(x, augment.white_noise(x, gen))
     quarter = len(pink) // 4
     assert pink[:quarter].mean() > 10 * pink[-quarter:].mean()
     assert 0.5 < white[:quarter].mean() / white[-quarter:].mean() < 2.0
@@ -90,7 +91,7 @@ def test_pink_noise_falls_with_frequency_white_noise_does_not():
 
 def test_slight_line_is_one_periodic_high_frequency_row():
     x, gen = images(b=8), torch.Generator().manual_seed(2)
-    out = features.slight_line(x, gen)
+    out = augment.slight_line(x, gen)
     for before, after in zip(x, out):
         rows = (after != before).any(dim=1).nonzero().flatten()
         assert len(rows) == 1 and rows[0] >= x.shape[1] // 2
@@ -100,18 +101,18 @@ def test_slight_line_is_one_periodic_high_frequency_row():
 
 def test_generate_anomalies_uses_every_kind_and_rejects_unknown_ones():
     x, gen = images(b=40), torch.Generator().manual_seed(3)
-    out = features.generate_anomalies(x, gen)
+    out = augment.generate_anomalies(x, gen)
     constant = torch.isclose(out, out[..., :1]).all(dim=(1, 2))
     assert 0 < constant.sum() < len(x)                 # average Hz among others
     assert torch.equal(x, images(b=40))                # the input is left alone
     with pytest.raises(ValueError, match="valid: white, pink, line, average"):
-        features.generate_anomalies(x, gen, kinds=("brown",))
+        augment.generate_anomalies(x, gen, kinds=("brown",))
 
 
 def test_select_hard_keeps_the_least_anomalous_candidates():
     candidates = torch.arange(10.0)[:, None, None].expand(10, 2, 2)
     p = torch.tensor([0.9, 0.1, 0.8, 0.05, 0.7, 0.6, 0.5, 0.99, 0.2, 0.3])
-    kept = systems.select_hard(candidates, p, 3)
+    kept = shinmura2020.select_hard(candidates, p, 3)
     assert kept[:, 0, 0].tolist() == [3.0, 1.0, 8.0]
 
 

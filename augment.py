@@ -1,0 +1,110 @@
+"""Everything that changes *training* inputs with a torch.Generator: generated anomalies
+(Shinmura 2020) and mixup. Nothing here is used at test time; deterministic input
+representations live in features.py.
+
+Every function takes its randomness from the generator it is given (and, where a Beta draw is
+needed, a numpy Generator seeded from it: torch has no seeded Beta sampler), so a training run
+replays exactly from the generator state its checkpoint saved.
+"""
+import numpy as np
+import torch
+
+
+# --------------------------------------------------------------------------------------------
+# Generated anomalies (Shinmura 2020, section 3.1, figure 3). Each takes dB spectrogram images
+# (B, F, T), low frequencies first, and a torch.Generator, and returns new images of the same
+# shape. Noise is added in the power domain, at a level drawn relative to each image's mean
+# power, so that it is heard over the machine rather than replacing it. Levels are our choice:
+# the paper shows the generated spectrograms but gives no numbers.
+
+NOISE_DB = (-10.0, 5.0)   # added noise power relative to the image's mean power, dB range
+LINE_DB = (5.0, 20.0)     # the slight line's level above the image's mean power, dB range
+
+
+def _uniform(gen, shape, low, high, like):
+    return low + (high - low) * torch.rand(shape, generator=gen).to(like.device, like.dtype)
+
+
+def _add_power(spec_db, noise_power):
+    """Add noise_power (linear, relative to each image's mean power) to dB images."""
+    power = 10.0 ** (spec_db / 10.0)
+    mean = power.mean(dim=(-2, -1), keepdim=True)
+    return 10.0 * torch.log10(power + mean * noise_power)
+
+
+def _noise_level(gen, spec_db):
+    return 10.0 ** (_uniform(gen, (len(spec_db), 1, 1), *NOISE_DB, spec_db) / 10.0)
+
+
+def white_noise(spec_db, gen) -> torch.Tensor:
+    """Noise of equal expected power in every frequency bin: disturbs the whole spectrum."""
+    fluct = torch.empty(spec_db.shape).exponential_(generator=gen).to(spec_db)  # noise power
+    return _add_power(spec_db, _noise_level(gen, spec_db) * fluct)
+
+
+def pink_noise(spec_db, gen) -> torch.Tensor:
+    """Noise whose power falls as 1/f across the rows: disturbs the low frequencies, where many
+    machines have their characteristic sound."""
+    n_freq = spec_db.shape[-2]
+    tilt = 1.0 / torch.arange(1, n_freq + 1, dtype=spec_db.dtype, device=spec_db.device)
+    tilt = (tilt * n_freq / tilt.sum())[:, None]        # (F, 1), mean 1 over the rows
+    fluct = torch.empty(spec_db.shape).exponential_(generator=gen).to(spec_db)
+    return _add_power(spec_db, _noise_level(gen, spec_db) * tilt * fluct)
+
+
+def slight_line(spec_db, gen) -> torch.Tensor:
+    """A thin line at one high frequency (upper half of the rows), switched on and off
+    periodically: the squeal of a dry bearing."""
+    b, n_freq, n_time = spec_db.shape
+    rows = torch.randint(n_freq // 2, n_freq - 1, (b,), generator=gen)
+    periods = torch.randint(4, max(5, n_time // 4), (b,), generator=gen)
+    out = spec_db.clone()
+    level = _uniform(gen, (b,), *LINE_DB, spec_db)
+    mean_db = 10.0 * torch.log10((10.0 ** (spec_db / 10.0)).mean(dim=(-2, -1)))  # (B,)
+    for i in range(b):
+        on = (torch.arange(n_time) % periods[i]) < (periods[i] + 1) // 2
+        line = torch.maximum(out[i, rows[i], on], mean_db[i] + level[i])
+        out[i, rows[i], on] = line
+    return out
+
+
+def average_hz(spec_db, gen=None) -> torch.Tensor:
+    """Each frequency row replaced by its mean over time: the spectrum stays, the machine's
+    rhythm in time is gone."""
+    return spec_db.mean(dim=-1, keepdim=True).expand_as(spec_db).clone()
+
+
+GENERATORS = {"white": white_noise, "pink": pink_noise, "line": slight_line,
+              "average": average_hz}
+
+
+def generate_anomalies(spec_db, gen, *, kinds=tuple(GENERATORS)) -> torch.Tensor:
+    """Apply one generator, drawn per image from `kinds`, to each image of (B, F, T)."""
+    unknown = [k for k in kinds if k not in GENERATORS]
+    if unknown or not kinds:
+        raise ValueError(f"unknown generators {unknown}; valid: {', '.join(GENERATORS)}")
+    pick = torch.randint(len(kinds), (len(spec_db),), generator=gen)
+    out = torch.empty_like(spec_db)
+    for k, name in enumerate(kinds):
+        idx = (pick == k).nonzero().flatten().to(spec_db.device)
+        if len(idx):
+            out[idx] = GENERATORS[name](spec_db[idx], gen)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Mixup (Zhang et al., "mixup: Beyond Empirical Risk Minimization", 2018)
+
+def numpy_rng(gen) -> np.random.Generator:
+    """A numpy Generator seeded by one draw from gen, for the Beta draws of mixup."""
+    return np.random.default_rng(int(torch.randint(2 ** 31, (1,), generator=gen)))
+
+
+def mixup(x, gen, rng, *, alpha):
+    """Mix each example with another of the same batch: lam * x + (1 - lam) * x[perm], one
+    lam ~ Beta(alpha, alpha) (drawn from rng) for the batch, perm a permutation drawn from gen.
+    The loss is mixed the same way: lam * loss(y) + (1 - lam) * loss(y[perm]).
+    x: (B, ...). Returns (mixed x (B, ...), perm (B,), lam)."""
+    lam = float(rng.beta(alpha, alpha))
+    perm = torch.randperm(len(x), generator=gen)
+    return lam * x + (1 - lam) * x[perm.to(x.device)], perm, lam

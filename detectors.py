@@ -1,0 +1,83 @@
+"""From training embeddings to an anomaly score for new ones: each detector is fitted on the
+normal training data alone (`fit`), then scores new data (`score`); larger is more anomalous.
+Detectors know nothing of labels, metrics or the systems that call them.
+
+- NearestCosine: cosine distance to the nearest training embedding (Shinmura 2020), with the
+  leave-one-out form for the training embeddings themselves.
+- Mahalanobis: the 2023+ DCASE autoencoder baseline's score on reconstruction errors.
+
+LOF, k-means and cosine to the mean join with the 2022 and 2024 systems. Each is checked in
+tests/test_detectors.py against scikit-learn or scipy on the same data.
+"""
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+# --------------------------------------------------------------------------------------------
+# Nearest-neighbour cosine distance
+
+class NearestCosine:
+    """score(x) = 1 - max_i cos(x, train_i): the cosine distance to the nearest training
+    embedding (scikit-learn's NearestNeighbors(n_neighbors=1, metric="cosine") distance)."""
+
+    def fit(self, train):
+        """train: (N, D) embeddings; kept unit-length, on the device they came on."""
+        self.train = F.normalize(train)                              # (N, D)
+        return self
+
+    def score(self, x):
+        """x: (M, D). Returns (M,) float64 tensor."""
+        cos = F.normalize(x) @ self.train.T                           # (M, N)
+        return (1.0 - cos.max(dim=1).values).double()
+
+    def train_scores(self):
+        """Leave-one-out: each training embedding's distance to its nearest *other* one (its
+        distance to itself is 0, which would put a threshold fitted to these at 0). (N,)."""
+        cos = self.train @ self.train.T                               # (N, N)
+        cos.fill_diagonal_(-1.0)
+        return (1.0 - cos.max(dim=1).values).double()
+
+    def state(self):
+        return {"train": self.train}
+
+    def load_state(self, state):
+        self.train = state["train"]
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Mahalanobis distance (the DCASE 2023+ autoencoder baseline)
+#
+# One covariance per domain, of the training reconstruction errors (centred, as np.cov and the
+# baseline do); a clip's distance under a domain is the mean over its vectors of the squared
+# Mahalanobis distance of each error vector from zero, and its score is the smaller of the
+# two domains' (a target-domain clip is judged by the target covariance). The inverse is the
+# pseudo-inverse: a target domain of 10 clips gives a singular covariance.
+
+class Mahalanobis:
+    def __init__(self):
+        self.inv_cov = {}        # domain -> (D, D) pseudo-inverse covariance
+
+    def fit(self, vectors_by_domain):
+        """vectors_by_domain: {domain: (N_d, D) tensor}, the domains that have training data."""
+        self.inv_cov = {}
+        for domain, e in vectors_by_domain.items():
+            cov = torch.cov(e.double().T)                             # (D, D)
+            self.inv_cov[domain] = torch.linalg.pinv(cov).float()
+        return self
+
+    def score(self, clips):
+        """clips: [(T_i, D) tensors], one per clip. Returns (n_clips,) float64 array."""
+        scores = []
+        for e in clips:
+            per_domain = [torch.mean(torch.sum((e @ ic) * e, dim=1)) for ic in self.inv_cov.values()]
+            scores.append(float(min(per_domain)))
+        return np.array(scores)
+
+    def state(self):
+        return {"inv_cov": self.inv_cov}
+
+    def load_state(self, state, device="cpu"):
+        self.inv_cov = {k: v.to(device) for k, v in state["inv_cov"].items()}
+        return self

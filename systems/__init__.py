@@ -1,0 +1,70 @@
+"""The reproduced systems, one file per paper; this file is only their registry.
+
+SYSTEMS maps each CLI name to the module and class that implement it and the one line that
+`list systems` and `--help` show. The classes are imported on first use (`get_system`), so
+commands that train nothing (`list`, `--help`, `evaluate`) start without importing torch.
+
+The contract every system keeps:
+
+    class <Paper>:
+        name                         # the CLI name (the key below)
+        defaults(year) -> dict(epochs=…, batch_size=…, lr=…)   # the paper's values; a
+                                     # function of the year because the AE's batch size is
+        quick = dict(…)              # smoke-run settings (train --quick); explicit flags win
+        settings: dict               # the input settings model.json records (declared in
+                                     # __init__, not looked up with getattr)
+        add_flags(group)             # only this system's own flags, one per own keyword
+        __init__(self, *, year, epochs, batch_size, lr, seed, device, cache_dir, log,
+                 <own options>)      # own options: the keyword-only parameters after `log`;
+                                     # the CLI derives them from this signature (`own_options`)
+        fit(self, clips, workdir)    # trains on exactly these clips; reads nothing else from
+                                     # disk; cross-machine data (a pre-training pool) arrives
+                                     # as a keyword argument: fit(clips, workdir, *,
+                                     # pretrain_clips=None); writes only inside workdir or
+                                     # through features' keyed cache
+        score(self, clips) -> (n_clips,) float64 array
+        train_scores(self) -> (n_train,)  # scores of the clips fit() saw; leave-one-out where
+                                     # a training clip would otherwise score 0
+        state() / load_state(state)  # everything score() needs, as tensors and plain values
+
+The decision threshold (a gamma fit to `train_scores`) is not the system's: asd.py applies it,
+the same for every system.
+"""
+import importlib
+import inspect
+
+# CLI name -> (module under systems/, class, one line for `list systems` and --help)
+SYSTEMS = {
+    "ae": ("ae", "AE",
+           "official DCASE autoencoder baseline (dense AE on 5 log-mel frames)"),
+    "shinmura2020": ("shinmura2020", "Shinmura2020",
+                     "Shinmura 2020: self-supervised MobileNetV2 + ArcFace, generated anomalies"),
+}
+
+# keyword-only parameters every system's __init__ takes; the others are its own options
+COMMON = ("year", "epochs", "batch_size", "lr", "seed", "device", "cache_dir", "log")
+
+
+def _entry(name):
+    if name not in SYSTEMS:
+        raise ValueError(f"unknown system '{name}'; valid: {', '.join(SYSTEMS)}")
+    return SYSTEMS[name]
+
+
+def get_system(name):
+    """The class of a system, imported on first use."""
+    module, cls, _ = _entry(name)
+    return getattr(importlib.import_module(f"systems.{module}"), cls)
+
+
+def description(name):
+    """The system's one line, without importing it."""
+    return _entry(name)[2]
+
+
+def own_options(cls):
+    """The system's own options: the keyword-only parameters of its __init__ that are not in
+    COMMON, in signature order, with their defaults."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: p.default for p in params
+            if p.kind is p.KEYWORD_ONLY and p.name not in COMMON}

@@ -1,0 +1,89 @@
+"""How batches are drawn and how epochs resume; nothing about any one system.
+
+Each system writes its own epoch body in its own file, as nanoGPT's train.py does, and this
+module only draws the batches and keeps the checkpoints around it:
+
+    for epoch in train.epochs(model, opt, gen, n_epochs, workdir / "checkpoint.pt", log):
+        for idx in train.batches(len(x), batch_size, gen):           # (B,) indices
+            loss = F.mse_loss(model(x[idx]), x[idx])                    # the paper's loss
+            epoch.add(train.step(opt, loss), len(idx))
+
+Every random draw comes from the torch.Generator the system passes in, and its state is saved
+with the model and optimiser after every epoch, so an interrupted run resumes with the same
+random stream and ends with the same weights as an uninterrupted one. JLESS's batch mixing
+(source and target clips in every batch) joins `batches` here with the jless2022 system.
+"""
+import contextlib
+from pathlib import Path
+
+import torch
+
+import data
+
+
+def batches(n, size, gen):
+    """A random order of range(n) cut into batches of `size` indices (the last one shorter).
+    A last batch of one index is dropped: BatchNorm cannot normalise a single example in
+    training, and one example in an epoch changes nothing. Yields (B,) int64 tensors."""
+    order = torch.randperm(n, generator=gen)
+    for start in range(0, n, size):
+        idx = order[start:start + size]
+        if len(idx) >= 2:
+            yield idx
+
+
+def step(opt, loss):
+    """One optimiser step on loss. Returns the loss, detached (no copy to the host)."""
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+class Epoch:
+    """One epoch: its number (1-based) and the mean of the losses added to it."""
+
+    def __init__(self, number):
+        self.number, self.total, self.count = number, 0.0, 0
+
+    def add(self, loss, n=1):
+        """Count a batch's mean loss for n examples (a tensor stays on its device)."""
+        self.total, self.count = self.total + loss * n, self.count + n
+
+    @property
+    def loss(self):
+        return float(self.total) / max(self.count, 1)
+
+
+def epochs(module, opt, gen, n, checkpoint, log, *, what="epoch"):
+    """Yield Epoch 1..n, saving module, optimiser and generator state to `checkpoint` (written
+    atomically) after each: an interrupted run resumes after the last saved epoch, with the
+    same random stream. The body runs in the caller, between the yield and the save."""
+    start = 0
+    if Path(checkpoint).exists():
+        ck = torch.load(checkpoint, weights_only=False)
+        module.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        gen.set_state(ck["gen"])
+        start = ck["epoch"]
+        log(f"resuming {what} {start} of {n} from {checkpoint}")
+    for number in range(start + 1, n + 1):
+        epoch = Epoch(number)
+        yield epoch
+        save({"model": module.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+              "epoch": number}, checkpoint)
+        log(f"{what} {number}/{n}  loss {epoch.loss:.4f}")
+
+
+def save(obj, path):
+    """torch.save through data.write_atomic: a crash never leaves half a checkpoint."""
+    data.write_atomic(path, lambda f: torch.save(obj, f))
+
+
+@contextlib.contextmanager
+def seeded(seed):
+    """Within this block torch's global generator starts from `seed`, and it is restored after:
+    a network built inside gets the same initial weights whatever ran before."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
