@@ -13,6 +13,7 @@ import asd
 import augment
 import features
 import models
+import scoring
 import synth
 from systems import shinmura2020
 
@@ -145,23 +146,83 @@ SMALL = ["--width", "0.5", "--image-size", "96", "--epochs", "15", "--pretrain-e
          "--batch-size", "16", "--device", "cpu"]
 
 
-def test_shinmura2020_on_synthetic_2020_data_reaches_auc_bar(tmp_path):
-    synth.synthesize(tmp_path / "data", year=2020, machines=["valve"], n_train=20, n_test=6)
-    run = ["--year", "2020", "--machine", "valve", "--system", "shinmura2020",
-           "--data-root", tmp_path / "data", "--out", tmp_path / "runs",
-           "--cache-dir", tmp_path / "cache"]
-    assert asd.main(["train", *run, *SMALL, "--ensemble", "2"]) == 0
-    assert asd.main(["test", *run, "--device", "cpu"]) == 0
+def shinmura_run(tmp, out="runs"):
+    return ["--year", "2020", "--machine", "valve", "--system", "shinmura2020",
+            "--data-root", tmp / "data", "--out", tmp / out, "--cache-dir", tmp / "cache"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2020-layout valve set (two IDs) with a small trained and tested ensemble of two."""
+    tmp = tmp_path_factory.mktemp("shinmura")
+    synth.synthesize(tmp / "data", year=2020, machines=["valve"], n_train=20, n_test=6)
+    assert asd.main(["train", *shinmura_run(tmp), *SMALL, "--ensemble", "2"]) == 0
+    assert asd.main(["test", *shinmura_run(tmp), "--device", "cpu"]) == 0
+    return tmp
+
+
+def test_shinmura2020_on_synthetic_2020_data_reaches_auc_bar(trained):
     assert asd.main(["evaluate", "--year", "2020", "--system", "shinmura2020",
-                     "--data-root", tmp_path / "data", "--out", tmp_path / "runs"]) == 0
-    result = json.loads((tmp_path / "runs/dcase2020/shinmura2020/dev/results.json").read_text())
+                     "--data-root", trained / "data", "--out", trained / "runs"]) == 0
+    result = json.loads((trained / "runs/dcase2020/shinmura2020/dev/results.json").read_text())
     aucs = [s["auc"] for s in result["sections"]]
     # 24 normal and 24 anomalous clips per ID: a random scorer's mean AUC over two IDs has a
     # standard deviation of about 0.06 around 0.5, so 0.75 is four of them away
     assert np.mean(aucs) >= 0.75, result["sections"]
-    threshold = json.loads((tmp_path / "runs/dcase2020/shinmura2020/dev/models/valve/"
+    threshold = json.loads((trained / "runs/dcase2020/shinmura2020/dev/models/valve/"
                             "threshold.json").read_text())
     assert threshold["threshold"] > 1e-4          # leave-one-out training scores, not zeros
+    # the pre-trained network went to the keyed cache, not beside the models
+    assert len(list((trained / "cache/pretrained").glob("*.pt"))) == 1
+    assert not list((trained / "runs/dcase2020/shinmura2020/dev/models").glob("pretrained*"))
+
+
+TINY = ["--width", "0.25", "--image-size", "32", "--epochs", "4", "--pretrain-epochs", "2",
+        "--batch-size", "4", "--ensemble", "2", "--device", "cpu"]
+
+
+def test_shinmura2020_resumes_after_an_interruption_to_the_same_scores(trained, monkeypatch):
+    """Ctrl-C after member 2's third epoch (member 1 finished): the second run picks up there
+    and writes the same scores, to the last digit, as an uninterrupted run."""
+    import train
+    assert asd.main(["train", *shinmura_run(trained, "tiny"), *TINY]) == 0
+    assert asd.main(["test", *shinmura_run(trained, "tiny"), "--device", "cpu"]) == 0
+    real_save, saved = train.save, []
+
+    def crash(obj, path):
+        real_save(obj, path)
+        saved.append(path.name)
+        if saved.count("checkpoint_1.pt") == 3:
+            raise KeyboardInterrupt("simulated Ctrl-C")
+    monkeypatch.setattr(train, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        asd.main(["train", *shinmura_run(trained, "resumed"), *TINY])
+    models = trained / "resumed/dcase2020/shinmura2020/dev/models/valve"
+    assert {"member_0.pt", "checkpoint_1.pt"} <= {p.name for p in models.iterdir()}
+    monkeypatch.setattr(train, "save", real_save)
+    assert asd.main(["train", *shinmura_run(trained, "resumed"), *TINY]) == 0
+    assert asd.main(["test", *shinmura_run(trained, "resumed"), "--device", "cpu"]) == 0
+    for name in ("anomaly_score_valve_id_00.csv", "anomaly_score_valve_id_02.csv"):
+        first = trained / "tiny/dcase2020/shinmura2020/dev/results" / name
+        again = trained / "resumed/dcase2020/shinmura2020/dev/results" / name
+        assert len({v for _, v in scoring.read_csv(first)}) > 10     # a ranking, not a collapse
+        assert again.read_text() == first.read_text()
+
+
+def test_pretraining_pool_comes_from_the_cli(tmp_path):
+    """The pool is every machine type's training clips in the folder the run trains from (the
+    dev folder for a 2020 eval run), and the system pre-trains on exactly the pool it is given."""
+    synth.synthesize(tmp_path / "data", year=2020, machines=["valve", "fan"], n_train=2, n_test=1)
+    args = asd.build_parser("shinmura2020", 2020, False).parse_args(
+        ["train", "--machine", "valve", "--data-root", str(tmp_path / "data")])
+    pool = asd.pretrain_pool(args)
+    assert {c.machine for c in pool} == {"valve", "fan"} and len(pool) == 2 * 2 * 2
+    args.part = "eval"
+    assert {c.path.parents[2].name for c in asd.pretrain_pool(args)} == {"dev_data"}
+    system = shinmura2020.Shinmura2020(year=2020, pretrain_classes=1)
+    chosen, labels, n_classes = system._pretrain_set(pool)
+    assert n_classes == 2 and sorted(set(labels.tolist())) == [0, 1]   # one ID per machine
+    assert set(chosen) <= set(pool)
 
 
 def test_ablation_flags_reach_the_system(tmp_path, capsys):
