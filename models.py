@@ -1,6 +1,7 @@
 """The networks of the reproduced systems, one section per family, blocks before the networks
-that use them. Training loops, scores and thresholds live in systems.py; this file holds only
-`nn.Module`s and their forward passes.
+that use them. Training loops live in the systems' own files (systems/), scores in detectors.py
+and the systems, thresholds in scoring.py; this file holds only `nn.Module`s and their forward
+passes.
 
 Families: AE (the official DCASE baseline, 2020-2025); MobileNetV2 (Sandler et al. 2018, as
 torchvision lays it out, with a 1-channel input); then the losses: ArcFace (Deng et al. 2019).
@@ -18,8 +19,8 @@ from torch import nn
 # Dense autoencoder on 5 stacked log-mel frames (5 x 128 = 640 values): four 128-unit layers, an
 # 8-unit bottleneck, four 128-unit layers and a linear 640-unit output, every hidden layer
 # Linear -> BatchNorm -> ReLU (Koizumi et al., DCASE 2020 baseline; unchanged through 2025).
-# The anomaly score is the reconstruction error; systems.py also fits the 2023+ baseline's
-# Mahalanobis score on the reconstruction errors.
+# The anomaly score is the reconstruction error; systems/ae.py also fits the 2023+ baseline's
+# Mahalanobis score on the reconstruction errors (detectors.Mahalanobis).
 
 def dense_block(n_in, n_out):
     return nn.Sequential(nn.Linear(n_in, n_out), nn.BatchNorm1d(n_out), nn.ReLU())
