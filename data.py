@@ -22,6 +22,7 @@ It also holds `write_atomic`, the one writer that every output file of asd goes 
 import csv
 import json
 import os
+import random
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -350,6 +351,17 @@ def plain_clip(path, *, year, machine, section="00", split="train"):
                 split=split, label="normal" if split == "train" else "unknown")
 
 
+def check_name(path):
+    """Refuse a file name that is not valid UTF-8 (the bytes Linux allows, which no CSV, JSON
+    or terminal of asd's can carry): one line naming it, with the bad bytes escaped."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise DataError(f"{shown}: the file name is not valid UTF-8; rename the file") from None
+    return path
+
+
 def normal_clips(folder, *, year):
     """The normal recordings of a plain folder: machine = the folder's name; every sub-folder
     holding *.wav is one section ("00", "01", ... in name order), else the folder's own *.wav
@@ -365,11 +377,31 @@ def normal_clips(folder, *, year):
                         f"in a sub-folder (one per section) or none")
     sections = {d.name: f"{i:02d}" for i, d in enumerate(subdirs)} or {folder.name: "00"}
     groups = [(sorted(d.glob("*.wav")), sections[d.name]) for d in subdirs] or [(own, "00")]
-    clips = [plain_clip(p, year=year, machine=folder.name, section=section)
+    clips = [plain_clip(check_name(p), year=year, machine=folder.name, section=section)
              for paths, section in groups for p in paths]
     if not clips:
         raise DataError(f"{folder}: no *.wav files here or in its sub-folders")
     return clips, sections
+
+
+# Held-out normals for the decision threshold
+
+MIN_HELD_OUT = 8   # clips: a gamma fitted to fewer scores is a guess
+
+
+def hold_out(clips, share, *, seed):
+    """Split training clips into (fit, held_out): a seeded random `share` of the source-domain
+    clips (at least MIN_HELD_OUT, at most a quarter of them) is kept out of training, so that
+    the decision threshold is fitted to scores of normal clips the model has never seen.
+    Target-domain clips (a handful per section from 2022 on) all stay in training. share 0,
+    or too few clips to hold out two: (clips, [])."""
+    source = [i for i, c in enumerate(clips) if (c.domain or "source") == "source"]
+    n = max(round(share * len(source)), min(MIN_HELD_OUT, len(source) // 4)) if share > 0 else 0
+    if n < 2:
+        return list(clips), []
+    held = set(random.Random(seed).sample(source, n))
+    return ([c for i, c in enumerate(clips) if i not in held],
+            [c for i, c in enumerate(clips) if i in held])
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,11 +411,16 @@ def write_atomic(path, write, *, text=False):
     """Write a file whole or not at all: write(f) fills a temporary file made in the same
     folder with a unique name (two runs at once never share one), which is flushed, fsynced,
     made readable by all (0644, as a plain file would be) and renamed over `path`. On any
-    error, a full disk or Ctrl-C included, `path` is untouched and the temporary file removed.
+    error, a full disk or Ctrl-C included, `path` is untouched and the temporary file removed;
+    an OSError comes back as a DataError naming `path`.
     f is opened in binary mode, or as UTF-8 text with newline="" (for csv) when text=True."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise DataError(f"{path}: could not write it ({e.strerror or e}); check the folder's "
+                        f"permissions and free space") from e
     try:
         with (os.fdopen(fd, "w", newline="", encoding="utf-8") if text else
               os.fdopen(fd, "wb")) as f:
@@ -392,8 +429,11 @@ def write_atomic(path, write, *, text=False):
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)              # mkstemp makes 0600; outputs are meant to be shared
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise DataError(f"{path}: could not write it ({e.strerror or e}); nothing was "
+                            f"changed there; free some space or choose another folder") from e
         raise
     return path
 
@@ -406,3 +446,73 @@ def write_text(path, text):
 def write_json(path, obj):
     """write_atomic for JSON, indented; what json cannot hold (paths) is written as str."""
     return write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Folders asd builds (model folders, result sets): built beside the old one, swapped in whole,
+# and removed only as far as asd's own marker says asd wrote them.
+
+MARKER = ".asd"   # JSON in every folder asd builds: {"written_by": ..., "files": [...]}
+
+
+def check_apart(out, inputs):
+    """Refuse an output folder that is, contains or lies inside one of the input folders: a
+    --force there could delete the recordings, and new files would mix with them."""
+    o = Path(out).resolve()
+    for folder in inputs:
+        i = Path(folder).resolve()
+        how = ("is" if o == i else "contains" if i.is_relative_to(o) else
+               "lies inside" if o.is_relative_to(i) else None)
+        if how:
+            raise DataError(f"{out}: this output folder {how} the input folder {folder}; "
+                            f"choose an --out outside it")
+
+
+def owned(folder):
+    """True when asd built this folder (its marker is there)."""
+    return (Path(folder) / MARKER).is_file()
+
+
+def claim(folder, by):
+    """Create `folder` (if needed) and mark it as built by asd."""
+    write_json(Path(folder) / MARKER, {"written_by": by, "files": []})
+
+
+def remove_owned(folder):
+    """Delete what asd wrote in `folder`: every file its marker lists, or, while asd is still
+    building it (the marker lists none yet), every file in it; then the folder itself if that
+    leaves it empty. Returns the names left behind (files asd did not write)."""
+    folder = Path(folder)
+    if not owned(folder):
+        raise DataError(f"{folder}: not written by asd (no {MARKER} marker); left as it is")
+    listed = json.loads((folder / MARKER).read_text())["files"]
+    for p in list(folder.iterdir()):
+        if p.is_file() and (not listed or p.name in listed) and p.name != MARKER:
+            p.unlink()
+    (folder / MARKER).unlink()
+    left = sorted(p.name for p in folder.iterdir())
+    if not left:
+        folder.rmdir()
+    return left
+
+
+def swap_in(partial, final):
+    """Put the finished folder `partial` at `final` in one rename. An old `final` must be asd's
+    own: it is renamed aside first and then removed as far as asd wrote it; anything else in
+    it is kept there and named in the returned message."""
+    partial, final = Path(partial), Path(final)
+    marker = json.loads((partial / MARKER).read_text())
+    files = sorted(p.name for p in partial.iterdir() if p.name != MARKER)
+    write_json(partial / MARKER, {**marker, "files": files})
+    if not final.exists():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(partial, final)
+        return None
+    if not owned(final):
+        raise DataError(f"{final}: exists and was not written by asd (no {MARKER} marker); "
+                        f"move it away or choose another --out")
+    old = final.with_name(f".{final.name}.replaced")
+    os.replace(final, old)
+    os.replace(partial, final)
+    left = remove_owned(old)
+    return f"kept {old}: it holds files asd did not write ({', '.join(left)})" if left else None

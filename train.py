@@ -14,6 +14,7 @@ random stream and ends with the same weights as an uninterrupted one. JLESS's ba
 (source and target clips in every batch) joins `batches` here with the jless2022 system.
 """
 import contextlib
+import time
 from pathlib import Path
 
 import torch
@@ -67,12 +68,26 @@ def epochs(module, opt, gen, n, checkpoint, log, *, what="epoch"):
         gen.set_state(ck["gen"])
         start = ck["epoch"]
         log(f"resuming {what} {start} of {n} from {checkpoint}")
+    t0 = time.monotonic()
     for number in range(start + 1, n + 1):
         epoch = Epoch(number)
         yield epoch
         save({"model": module.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
               "epoch": number}, checkpoint)
-        log(f"{what} {number}/{n}  loss {epoch.loss:.4f}")
+        spent = time.monotonic() - t0
+        left = spent / (number - start) * (n - number)
+        log(f"{what} {number}/{n}  loss {epoch.loss:.4f}  {duration(spent)}, "
+            f"about {duration(left)} left")
+
+
+def duration(seconds):
+    """12 s, 3 min 05 s, 1 h 02 min: a progress line's time."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 def save(obj, path):

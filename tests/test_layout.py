@@ -97,5 +97,5 @@ def test_import_rules_of_the_design():
     assert imports_of(ROOT / "models.py") <= {"math", "torch"}
     for name in ("augment", "detectors"):
         assert imports_of(ROOT / f"{name}.py") <= {"numpy", "torch"}, name
-    assert imports_of(ROOT / "train.py") <= {"contextlib", "pathlib", "torch", "data"}
+    assert imports_of(ROOT / "train.py") <= {"contextlib", "time", "pathlib", "torch", "data"}
     assert not (ROOT / "systems.py").exists()
