@@ -24,8 +24,10 @@ import json
 import os
 import platform
 import random
+import shlex
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,7 +50,24 @@ def run_dir(args):
 def versions():
     import torch
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "argv": sys.argv}
+            "numpy": np.__version__, "torch_threads": torch.get_num_threads(), "argv": sys.argv}
+
+
+def run_args(args):
+    """The arguments as written beside outputs (the command's function and log left out)."""
+    return {k: v for k, v in vars(args).items() if k not in ("func", "log")}
+
+
+class Log:
+    """Prints progress lines and keeps the last, so that an interrupted run can say where it
+    stopped."""
+
+    def __init__(self):
+        self.last = None
+
+    def __call__(self, line):
+        self.last = line
+        print(line, flush=True)
 
 
 def seed_everything(seed):
@@ -115,69 +134,108 @@ def system_options(args, device):
 
 def cmd_train(args):
     """Train one machine type of a DCASE set (--machine), or a plain folder of your own
-    machine's normal recordings (--normal-dir; the model goes to --out itself)."""
+    machine's normal recordings (--normal-dir; the model goes to --out itself). The model is
+    built in a folder beside its final place (.<name>.partial, where an interrupted run
+    resumes) and swapped in only when training has succeeded."""
     if args.normal_dir:
         clips, sections = data.normal_clips(args.normal_dir, year=args.year)
         model_dir, about = Path(args.out), {"machine": clips[0].machine, "sections": sections}
+        inputs = [args.normal_dir]
     elif args.machine:
         data.get_year(args.year).sections(args.machine, args.part)  # unknown machine: error now
         model_dir, about = run_dir(args) / "models" / args.machine, {"machine": args.machine}
+        clips = train_clips(args)
+        inputs = sorted({c.path.parents[2] for c in clips})      # the folders holding <machine>/
     else:
         raise ValueError("train: give --machine (a DCASE set) or --normal-dir DIR (a folder of "
                          "your own machine's normal recordings)")
+    data.check_apart(model_dir, inputs)
     if (model_dir / "model.pt").exists() and not args.force:
         raise ValueError(f"{model_dir / 'model.pt'} exists; pass --force to train again")
-    if args.force and model_dir.exists():
-        shutil.rmtree(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    _check_resume(model_dir, args)
-    data.write_json(model_dir / "args.json", {**vars(args), **versions()})
-    clips = clips if args.normal_dir else train_clips(args)
-    fit_and_save(args, clips, model_dir, about)
+    if model_dir.exists() and any(model_dir.iterdir()) and not data.owned(model_dir):
+        raise ValueError(f"{model_dir}: exists and was not written by asd (no {data.MARKER} "
+                         f"marker); move it away or choose another --out")
+    partial = model_dir.with_name(f".{model_dir.name}.partial")
+    _check_resume(partial, args)
+    if not partial.exists():
+        data.claim(partial, "python asd.py train")
+    data.write_json(partial / "args.json", {**run_args(args), **versions()})
+    try:
+        fit_and_save(args, clips, partial, about)
+    except Exception:
+        if not any(partial.glob("checkpoint*.pt")):     # nothing to resume: leave nothing
+            data.remove_owned(partial)
+        raise
+    kept = data.swap_in(partial, model_dir)
+    print(f"model -> {model_dir}" + (f"; {kept}" if kept else ""))
 
 
 def fit_and_save(args, clips, model_dir, about):
-    """Fit the system on the clips, fit the gamma threshold on their scores, and save a
-    self-describing model folder: model.pt (system, options, weights), threshold.json, and
-    model.json (what `score` needs: system, year, feature settings, threshold, sections)."""
+    """Fit the system on the clips less a held-out share, fit the gamma threshold to the
+    held-out clips' scores, and save a self-describing model folder: model.pt (system,
+    options, weights), threshold.json, and model.json (what `score` needs: system, year,
+    feature settings, threshold, sections)."""
     import train
     device = pick_device(args.device)
-    print(f"train {args.system} on {len(clips)} clips of {about['machine']} ({args.year} "
-          f"recipe) on {device}")
+    fit_clips, held = data.hold_out(clips, args.threshold_holdout, seed=args.seed)
+    print(f"train {args.system} on {len(fit_clips)} clips of {about['machine']} ({args.year} "
+          f"recipe) on {device}; {len(held)} clips held out for the threshold")
     cls = systems.get_system(args.system)
-    system = cls(**system_options(args, device))
+    system = cls(**system_options(args, device), log=args.log)
     t0 = time.time()
     if "pretrain_clips" in inspect.signature(cls.fit).parameters:
-        system.fit(clips, model_dir, pretrain_clips=pretrain_pool(args))
+        pool = pretrain_pool(args)
+        pool = pool and [c for c in pool if c not in set(held)]
+        system.fit(fit_clips, model_dir, pretrain_clips=pool)
     else:
-        system.fit(clips, model_dir)
-    train_scores = system.train_scores()
-    threshold = scoring.gamma_threshold(train_scores, q=args.threshold_quantile)
+        system.fit(fit_clips, model_dir)
+    # The official baselines fit the gamma to the training clips' own scores; a model that has
+    # fitted those clips scores them lower than any new normal clip, so that threshold flags
+    # most normal test clips. Held-out normals give the scores a new normal clip gets.
+    if held:
+        scores, source = system.score(held), "held-out"
+    else:
+        scores, source = system.train_scores(), "training (in-sample)"
+        print(f"warning: the threshold is fitted to the training clips' own scores "
+              f"(--threshold-holdout {args.threshold_holdout}, {len(clips)} clips); it will "
+              f"flag more normal clips than its quantile says")
+    scoring.check_spread(scores, f"{args.system} on {about['machine']}, {source} scores")
+    threshold = scoring.gamma_threshold(scores, q=args.threshold_quantile)
+    if threshold <= 0 <= scores.min():
+        raise ValueError(f"{args.system} on {about['machine']}: the gamma threshold "
+                         f"{threshold:.4g} is not positive for scores that are; the {source} "
+                         f"scores ({scores.min():.4g} to {scores.max():.4g}) are too close")
     options = system_options(args, "cpu")
     train.save({"system": args.system, "options": options, "state": system.state()},
                model_dir / "model.pt")
-    data.write_json(model_dir / "threshold.json", {"threshold": threshold, "quantile":
-                                              args.threshold_quantile,
-                                              "train_scores": train_scores.tolist()})
+    data.write_json(model_dir / "threshold.json", {
+        "threshold": threshold, "quantile": args.threshold_quantile, "fitted_to": source,
+        "scores": scores.tolist(), "clips": [str(c.path) for c in held]})
     data.write_json(model_dir / "model.json", {
         "system": args.system, "year": args.year, "options": options,
         "features": system.settings, "threshold": threshold,
-        "threshold_quantile": args.threshold_quantile, "n_train": len(clips), **about})
-    (model_dir / "checkpoint.pt").unlink(missing_ok=True)
-    print(f"trained in {time.time() - t0:.1f} s; gamma threshold {threshold:.4g} -> {model_dir}")
+        "threshold_quantile": args.threshold_quantile, "threshold_fitted_to": source,
+        "n_train": len(fit_clips), "n_held_out": len(held), **about})
+    for checkpoint in model_dir.glob("checkpoint*.pt"):
+        checkpoint.unlink()
+    print(f"trained in {time.time() - t0:.1f} s; gamma threshold {threshold:.4g} "
+          f"({args.threshold_quantile:g} quantile of {len(scores)} {source} scores)")
 
 
-def _check_resume(model_dir, args):
-    """An interrupted run resumes only with the same arguments; else --force starts afresh."""
-    if not (model_dir / "checkpoint.pt").exists():
+def _check_resume(partial, args):
+    """An interrupted run (its folder still there) resumes only with the same arguments; with
+    other ones, --force starts afresh and anything else is refused."""
+    if not (partial / "args.json").exists():
         return
-    old = json.loads((model_dir / "args.json").read_text())
+    old = json.loads((partial / "args.json").read_text())
     keys = ("system", "epochs", "batch_size", "lr", "seed", "year", "part", "quick",
-            *systems.own_options(systems.get_system(args.system)))
+            "threshold_holdout", *systems.own_options(systems.get_system(args.system)))
     changed = [k for k in keys if old.get(k) != getattr(args, k)]
-    if changed:
-        raise ValueError(f"{model_dir}: an interrupted run with other {', '.join(changed)} is "
+    if changed and not args.force:
+        raise ValueError(f"{partial}: an interrupted run with other {', '.join(changed)} is "
                          f"there; pass --force to start again")
+    if changed:
+        data.remove_owned(partial)
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,13 +273,23 @@ def cmd_test(args):
     system, threshold = load_model(run_dir(args) / "models" / args.machine, device,
                                    None if args.no_cache else args.cache_dir)
     scores = system.score(clips)            # every clip scored before anything is written
+    # every file of this run is written into a folder of its own first, then renamed into
+    # results/: a full disk stops the run before any result appears, never half-way
     results.mkdir(parents=True, exist_ok=True)
-    for key, idx in sorted(groups.items()):
-        score_name, decision_name = names[key]
-        scoring.write_csv(results / score_name, [(clips[i].name, scores[i]) for i in idx])
-        scoring.write_csv(results / decision_name,
-                          [(clips[i].name, int(scores[i] > threshold)) for i in idx])
-    data.write_json(run_dir(args) / "logs" / f"test_{args.machine}.json", {**vars(args), **versions()})
+    staging = Path(tempfile.mkdtemp(dir=results, prefix=f".{args.machine}."))
+    try:
+        for key, idx in sorted(groups.items()):
+            score_name, decision_name = names[key]
+            scoring.write_csv(staging / score_name, [(clips[i].name, scores[i]) for i in idx])
+            scoring.write_csv(staging / decision_name,
+                              [(clips[i].name, int(scores[i] > threshold)) for i in idx])
+        for pair in names.values():
+            for name in pair:
+                os.replace(staging / name, results / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    data.write_json(run_dir(args) / "logs" / f"test_{args.machine}.json",
+                    {**run_args(args), **versions()})
     print(f"scored {len(clips)} clips of {args.machine} -> {results}")
 
 
@@ -262,14 +330,13 @@ def cmd_score(args):
         clip = data.plain_clip(path, year=about["year"], machine=about["machine"],
                                section=sections.get(path.parent.name, "00"), split="test")
         try:
+            data.check_name(path)
             score = float(system.score([clip])[0])
-        except features.AudioError as e:       # its message starts with the file's path
+            if not np.isfinite(score):
+                raise features.AudioError(f"{path}: the model gave a non-finite score ({score})")
+        except (features.AudioError, data.DataError) as e:  # the message starts with the path
             failed.append(str(e))
             print(f"error: {e}", file=sys.stderr)
-            continue
-        if not np.isfinite(score):
-            failed.append(f"{path}: the model gave a non-finite score ({score})")
-            print(f"error: {failed[-1]}", file=sys.stderr)
             continue
         decision = "anomalous" if score > threshold else "normal"
         rows.append((str(path), score, decision))
@@ -326,7 +393,7 @@ def _truth(args, machine, section):
     return from_name
 
 
-def cmd_evaluate(args):
+def cmd_evaluate(args, synthetic=False):
     """The official score, and the results table beside the baseline's published figures:
     results.json, results.txt (every metric), results.csv and results.md (the comparison)."""
     out = run_dir(args) / "results.json"
@@ -335,13 +402,18 @@ def cmd_evaluate(args):
     result = scoring.official_score(args.year, labelled_rows(args))
     header, rows = scoring.comparison_rows(result, with_baseline=args.part == "dev")
     markdown = scoring.format_markdown(header, rows)
-    data.write_json(out, {**result, "args": {**vars(args), **versions()}})
+    data.write_json(out, {**result, "args": {**run_args(args), **versions()}})
     data.write_text(run_dir(args) / "results.txt", scoring.format_table(result) + "\n")
     scoring.write_table_csv(run_dir(args) / "results.csv", header, rows)
     data.write_text(run_dir(args) / "results.md", markdown + "\n")
     print(scoring.format_table(result))
-    print(f"\nbeside the official baseline's published {args.part} figures "
-          f"(empty: not published):\n{markdown}")
+    if synthetic:
+        print("\nThese figures are on synthetic sound. results.md sets them beside the official "
+              "AE baseline's published figures, which are on the real DCASE recordings: the two "
+              "are not comparable, the baseline column is there to show the table's form.")
+    else:
+        print(f"\nbeside the official baseline's published {args.part} figures "
+              f"(empty: not published):\n{markdown}")
     return result
 
 
@@ -359,55 +431,39 @@ def cmd_download(args):
 
 
 def cmd_package(args):
-    """Copy the eval set's result CSVs into the year's submission folder, names checked against
-    the evaluator's, with a short system description (<system>.meta.yaml)."""
-    results = Path(args.out) / f"dcase{args.year}" / args.system / "eval" / "results"
-    files = sorted(results.glob("anomaly_score_*.csv"))
-    if not files:
-        raise ValueError(f"{results}: no anomaly_score_*.csv; run 'python asd.py test --part "
-                         f"eval' first")
-    names, machines = [], set()
-    for path in files:
-        m = scoring.RESULT_NAME.match(path.name)
-        if not m or path.name != scoring.result_filename(args.year, "anomaly_score", m["machine"],
-                                                         m["section"], m["domain"]):
-            raise ValueError(f"{path}: not a {args.year} submission name")
-        decision = path.with_name(path.name.replace("anomaly_score", "decision_result", 1))
-        if not decision.exists():
-            raise ValueError(f"{decision}: missing; run 'python asd.py test --part eval' again")
-        names += [path.name, decision.name]
-        machines.add(m["machine"])
-    dest = Path(args.dest) / f"dcase{args.year}" / args.system
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in names:
-        shutil.copy2(results / name, tmp / name)
-    data.write_text(tmp / f"{args.system}.meta.yaml", system_description(args, sorted(machines)))
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)                      # the folder appears whole or not at all
-    print(f"packaged {len(names)} files of {len(machines)} machine types -> {dest}")
-
-
-def system_description(args, machines):
-    """A short YAML description of the system beside the submission files."""
-    spec = data.get_year(args.year)
-    missing = [m for m in spec.eval if m not in machines]
-    dev = Path(args.out) / f"dcase{args.year}" / args.system / "dev" / "results.json"
-    dev_score = json.loads(dev.read_text())["official_score"] if dev.exists() else None
-    lines = ["# Written by 'python asd.py package'. Before submitting, rename this folder and",
-             "# file to the organisers' label (<Lastname>_<Institute>_task2_<n>), add authors.",
-             "submission:", f"  label: {json.dumps(args.system)}",
-             f"  name: {json.dumps(systems.description(args.system))}",
-             f"  challenge: {json.dumps(f'DCASE {args.year} Task 2')}",
-             "system:", "  software: asd (this repository), python asd.py train/test",
-             f"  machine_types: {json.dumps(machines)}",
-             f"  machine_types_missing: {json.dumps(missing)}",
-             "results:", "  development_dataset:",
-             f"    official_score: {json.dumps(dev_score)}",
-             f"written: {json.dumps(time.strftime('%Y-%m-%d %H:%M:%S'))}"]
-    return "\n".join(lines) + "\n"
+    """The eval set's result CSVs and a <label>.meta.yaml (the organisers' template fields) in
+    DEST/dcase<YEAR>/<system>/<label>/, the folder to submit."""
+    import submission
+    run = Path(args.out) / f"dcase{args.year}" / args.system
+    _, machines = submission.result_files(run / "eval" / "results", args.year)
+    if args.label == submission.PLACEHOLDER_LABEL:
+        print(f"warning: the label is the placeholder {args.label}; pass --label "
+              f"<Lastname>_<Institute>_task2_<1-4> (the corresponding author's)")
+    elif not submission.LABEL.match(args.label):
+        raise ValueError(f"--label {args.label}: not <Lastname>_<Institute>_task2_<1-4>")
+    sizes, threshold = [], None
+    for machine in machines:
+        system, _ = load_model(run / "eval" / "models" / machine, "cpu", None)
+        sizes.append(system.n_parameters())
+        about = json.loads((run / "eval" / "models" / machine / "model.json").read_text())
+        threshold = (f"{about['threshold_quantile']:g} quantile of a gamma (location fixed) "
+                     f"fitted to {about.get('threshold_fitted_to', 'training')} scores")
+    dev = run / "dev" / "results.json"
+    cls = systems.get_system(args.system)
+    meta = submission.meta_yaml(
+        label=args.label, name=args.name or systems.description(args.system),
+        abbreviation=args.abbreviation or args.system[:10], authors=args.authors,
+        about=cls.meta, threshold=threshold, n_parameters=max(sizes),
+        machines=machines, missing=[m for m in data.get_year(args.year).eval if m not in machines],
+        dev_results=json.loads(dev.read_text()) if dev.exists() else None,
+        source_code=args.source_code)
+    folder, n = submission.package(run / "eval" / "results",
+                                   Path(args.dest) / f"dcase{args.year}" / args.system,
+                                   year=args.year, label=args.label, meta_yaml=meta)
+    warning = submission.truth_warning(args.year, data.part_dir(args.data_root, args.year, "eval"))
+    if warning:
+        print(warning)
+    print(f"packaged {n} files of {len(machines)} machine types -> {folder}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,17 +479,26 @@ def cmd_synth(args):
 def cmd_demo(args):
     """Synthesise a data set, then train, test and evaluate every machine type of it."""
     root = Path(args.out)
+    machines = [m for m in synth.default_machines(args.year) if m in data.get_year(args.year).dev]
+    print(f"demo: writes a small synthetic data set in the DCASE {args.year} layout "
+          f"({len(machines)} machine types: {', '.join(machines)}; machine hum with "
+          f"generated faults), trains {args.system} on each type's normal clips "
+          f"({args.epochs} epochs), scores its test clips and prints the {args.year} official "
+          f"score. About a minute per machine type on a laptop CPU for ae; every step prints "
+          f"its progress. Files: {root}/data, {root}/runs, {root}/cache.\n", flush=True)
     synth.synthesize(root / "data", year=args.year, n_train=args.n_train, n_test=args.n_test,
                      seed=args.seed)
     base = dict(vars(args), data_root=str(root / "data"), out=str(root / "runs"), part="dev",
                 data_dir=None, cache_dir=str(root / "cache"), normal_dir=None)
-    for machine in synth.default_machines(args.year):
-        if machine not in data.get_year(args.year).dev:
-            continue
+    for machine in machines:
+        print(f"\n== {machine}", flush=True)
         step = argparse.Namespace(**base, machine=machine)
         cmd_train(step)
         cmd_test(step)
-    return cmd_evaluate(argparse.Namespace(**base, ground_truth=None))
+    print()
+    result = cmd_evaluate(argparse.Namespace(**base, ground_truth=None), synthetic=True)
+    print(f"\nmodels, scores and tables: {run_dir(argparse.Namespace(**base))}")
+    return result
 
 
 def cmd_list(args):
@@ -493,7 +558,11 @@ def add_model_flags(p, system, year, quick):
     p.add_argument("--batch-size", type=count, default=None, help="batch size (the paper's)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (the paper's)")
     p.add_argument("--threshold-quantile", type=float, default=0.9,
-                   help="decision threshold: this quantile of a gamma fit to training scores")
+                   help="decision threshold: this quantile of a gamma fit to held-out scores")
+    p.add_argument("--threshold-holdout", type=float, default=0.1,
+                   help="share of the source-domain training clips (at least 8, at most a "
+                        "quarter) kept out of training to fit the threshold to; 0: the "
+                        "baselines' in-sample fit, which flags too many normal clips")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: the system's tiny settings (few epochs, small network) "
                         "that exercise every step in seconds; not for results")
@@ -574,7 +643,18 @@ def add_download_parsers(sub, fmt):
     p.add_argument("--year", type=int, default=2020, help="DCASE year")
     p.add_argument("--system", default="auto", help="method; auto: the year's default")
     p.add_argument("--out", default="runs", help="where the runs are (as for test)")
-    p.add_argument("--dest", default="submissions", help="writes DEST/dcase<YEAR>/<system>/")
+    p.add_argument("--dest", default="submissions",
+                   help="writes DEST/dcase<YEAR>/<system>/<label>/")
+    p.add_argument("--data-root", default=str(data.DEFAULT_DATA_ROOT),
+                   help="where the eval set's ground truth may be (checked for 2023+)")
+    p.add_argument("--label", default="Lastname_Institute_task2_1",
+                   help="<Lastname>_<Institute>_task2_<1-4>, the corresponding author's")
+    p.add_argument("--name", default=None, help="submission name (default: the system's)")
+    p.add_argument("--abbreviation", default=None, help="at most 10 characters")
+    p.add_argument("--authors", nargs="+", default=["Lastname, Firstname"],
+                   help="'Lastname, Firstname' of each author, the corresponding one first")
+    p.add_argument("--source-code", default="asd (python asd.py train/test)",
+                   help="where the code is published")
     p.set_defaults(func=cmd_package)
 
 
@@ -613,8 +693,10 @@ def add_data_parsers(sub, fmt, system, year, quick):
 
 def phase_one(argv):
     """--system, --year and --quick of a train or demo command, read before the full parser is
-    built, since that parser holds only this system's flags: (system, year, quick). The other
-    commands need no system's flags: (None, 2020, False)."""
+    built, since that parser holds only this system's flags: (system, year, quick). --system
+    auto is the year's default system, or the AE for --normal-dir (the default systems of
+    2020+ pre-train across machine types, and your own folder holds one). The other commands
+    need no system's flags: (None, 2020, False)."""
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in ("train", "demo"):
         return None, 2020, False
@@ -622,18 +704,25 @@ def phase_one(argv):
     pre.add_argument("--system", default="auto")
     pre.add_argument("--year", type=int, default=2022 if command == "demo" else 2020)
     pre.add_argument("--quick", action="store_true")
+    pre.add_argument("--normal-dir", default=None)
     known, _ = pre.parse_known_args(argv)
-    system = data.get_year(known.year).system if known.system == "auto" else known.system
+    system = known.system
+    if system == "auto":     # your own machine: one folder of normals, which the AE needs alone
+        system = "ae" if known.normal_dir else data.get_year(known.year).system
     systems.description(system)                     # an unknown name: error listing the valid
     return system, known.year, known.quick
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    debug = "--debug" in argv
+    debug, log = "--debug" in argv, Log()
     try:
-        args = build_parser(*phase_one(argv)).parse_args(argv)
-        if getattr(args, "system", None) == "auto":
+        system, year, quick = phase_one(argv)
+        args = build_parser(system, year, quick).parse_args(argv)
+        args.log = log
+        if system:
+            args.system = system
+        elif getattr(args, "system", None) == "auto":
             args.system = data.get_year(args.year).system
         if args.command in ("train", "test", "score", "demo"):
             seed_everything(args.seed if hasattr(args, "seed") else 0)
@@ -643,6 +732,13 @@ def main(argv=None):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        where = f" after: {log.last}" if log.last else ""
+        print(f"interrupted{where}; resume with: python asd.py {shlex.join(argv)}",
+              file=sys.stderr)
+        return 130
     return 0
 
 

@@ -5,6 +5,7 @@
 #
 #   bash run_all.sh [--years "2020 2021"] [--machines "fan valve"] [--systems "ae"]
 #                   [--device auto|cpu|cuda] [--out DIR] [--data-root DIR] [--quick]
+#                   [--label Lastname_Institute_task2_1]
 #
 # Machine types come from `python asd.py list` (none is named here); --machines keeps only
 # those of the listed ones it names. Outputs: OUT/runs/dcase<Y>/<system>/{dev,eval}/ (models,
@@ -26,10 +27,11 @@ DEVICE="auto"
 OUT=""                                       # default: . (runs/, submissions/); quick: quick/
 DATA_ROOT=""
 QUICK=0
+LABEL=""                                     # the submission label; default: package's placeholder
 QUICK_TRAIN=(--quick)                       # each system's smoke-run settings
 QUICK_SYNTH=(--n-train 10 --n-test 2)       # clips per section; test: per domain and label
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -40,6 +42,7 @@ while [ $# -gt 0 ]; do
     --out) OUT="$2"; shift 2 ;;
     --data-root) DATA_ROOT="$2"; shift 2 ;;
     --quick) QUICK=1; shift ;;
+    --label) LABEL="$2"; shift 2 ;;
     -h|--help) usage 0 ;;
     *) echo "run_all.sh: unknown option '$1'" >&2; usage 2 >&2 ;;
   esac
@@ -115,11 +118,14 @@ evaluate() {   # year, system, part: again whenever a result CSV is newer than t
 }
 
 package() {   # year, system: again whenever a result CSV is newer than the package
-  local dest="$OUT/submissions/dcase$1/$2"
+  local meta=""
+  if [ -d "$OUT/submissions/dcase$1/$2" ]; then
+    meta=$(find "$OUT/submissions/dcase$1/$2" -name '*.meta.yaml' | head -n 1)
+  fi
   local results="$RUNS/dcase$1/$2/eval/results"
-  if [ ! -e "$dest/$2.meta.yaml" ] || [ -n "$(find "$results" -newer "$dest/$2.meta.yaml")" ]
-  then
-    asd package --year "$1" --system "$2" --out "$RUNS" --dest "$OUT/submissions"
+  if [ -z "$meta" ] || [ -n "$(find "$results" -newer "$meta")" ]; then
+    asd package --year "$1" --system "$2" --out "$RUNS" --dest "$OUT/submissions" \
+      --data-root "$DATA_ROOT" ${LABEL:+--label "$LABEL"}
   fi
 }
 

@@ -406,6 +406,17 @@ def gamma_threshold(scores, q=DECISION_QUANTILE):
     return float(loc + scale * special.gammaincinv(shape, q))
 
 
+def check_spread(scores, what):
+    """Refuse scores that are all equal within float32 rounding: a collapsed model (every clip
+    mapped to one point) ranks nothing, and a threshold fitted to its scores means nothing."""
+    x = np.asarray(scores, dtype=float)
+    scale = max(1.0, float(np.abs(x).max()))
+    if float(x.max() - x.min()) <= 16 * np.finfo(np.float32).eps * scale:
+        raise ScoringError(f"{what}: all {x.size} scores are equal within float rounding "
+                           f"({x.min():.6g} to {x.max():.6g}): the model has collapsed and "
+                           f"ranks nothing; train longer (--epochs) or on more clips")
+
+
 # ---------------------------------------------------------------------------------------
 # Submission files: anomaly_score_*.csv and decision_result_*.csv
 

@@ -11,6 +11,9 @@ The contract every system keeps:
         defaults(year) -> dict(epochs=…, batch_size=…, lr=…)   # the paper's values; a
                                      # function of the year because the AE's batch size is
         quick = dict(…)              # smoke-run settings (train --quick); explicit flags win
+        meta = dict(…)               # the submission template's description: acoustic
+                                     # features, augmentation, method, anomaly score, external
+                                     # data, pre-trained models
         settings: dict               # the input settings model.json records (declared in
                                      # __init__, not looked up with getattr)
         add_flags(group)             # only this system's own flags, one per own keyword
@@ -24,11 +27,14 @@ The contract every system keeps:
                                      # through features' keyed cache
         score(self, clips) -> (n_clips,) float64 array
         train_scores(self) -> (n_train,)  # scores of the clips fit() saw; leave-one-out where
-                                     # a training clip would otherwise score 0
+                                     # a training clip would otherwise score 0 (used for the
+                                     # threshold only when no clip can be held out)
+        n_parameters() -> int        # of what score() uses (the submission's complexity)
         state() / load_state(state)  # everything score() needs, as tensors and plain values
 
-The decision threshold (a gamma fit to `train_scores`) is not the system's: asd.py applies it,
-the same for every system.
+The decision threshold is not the system's: asd.py holds a share of the normal training clips
+out of `fit`, scores them with `score`, and fits a gamma to those scores, the same for every
+system; it also refuses a model whose scores have collapsed to one value.
 """
 import importlib
 import inspect

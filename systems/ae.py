@@ -23,6 +23,14 @@ import train
 class AE:
     name = "ae"
     quick = dict(epochs=2, batch_size=128)      # a smoke run: every step, no detection quality
+    meta = dict(                                # the submission template's system description
+        acoustic_features="log-mel energies (128 bands, 64 ms window, 32 ms hop), 5 frames "
+                          "stacked into 640-value vectors",
+        data_augmentation=None,
+        machine_learning_method="dense autoencoder (official DCASE baseline)",
+        anomaly_score="reconstruction MSE (2020-2022) or the smaller per-domain Mahalanobis "
+                      "distance of the reconstruction errors (2023+)",
+        external_data_usage=None, pretrained_models=None)
 
     @staticmethod
     def defaults(year):
@@ -93,6 +101,9 @@ class AE:
     def train_scores(self):
         """The training clips' scores, computed at the end of fit()."""
         return self._train_scores
+
+    def n_parameters(self):
+        return sum(p.numel() for p in self.model.parameters())
 
     def state(self):
         return {"model": self.model.state_dict(), **self.detector.state()}

@@ -3,6 +3,7 @@ names; sub-folders become sections) writes a self-describing model folder, and `
 the anomalous files (AUC bar), gives the same scores twice, works from a copied model folder,
 and reports a broken file on one line, goes on with the others and exits non-zero."""
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -52,7 +53,8 @@ def test_model_folder_describes_itself(own):
     _, model, _ = own
     about = json.loads((model / "model.json").read_text())
     assert about["system"] == "ae" and about["year"] == 2020 and about["machine"] == "my_valve"
-    assert about["sections"] == {"unit_a": "00", "unit_b": "01"} and about["n_train"] == 40
+    assert about["sections"] == {"unit_a": "00", "unit_b": "01"} and about["n_train"] == 32
+    assert about["n_held_out"] == 8 and about["threshold_fitted_to"] == "held-out"
     assert about["features"]["n_mels"] == 128 and about["threshold"] > 0
     assert (model / "model.pt").exists() and (model / "threshold.json").exists()
     assert json.loads((model / "args.json").read_text())["normal_dir"].endswith("my_valve")
@@ -108,3 +110,31 @@ def test_plain_folder_errors_name_the_folder(tmp_path, capsys):
     assert "give --machine" in capsys.readouterr().err
     assert asd.main(["score", "--model", tmp_path / "nothing", tmp_path / "mixed"]) == 2
     assert "model.json: not found" in capsys.readouterr().err
+
+
+def readme_commands(prefix):
+    """The README's command line that starts with `prefix`, as an argv list (comment dropped)."""
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.strip().startswith(prefix):
+            return shlex.split(line.split("#")[0])
+    raise AssertionError(f"README.md has no line starting with {prefix!r}")
+
+
+def test_the_readmes_own_machine_commands_work_as_written(own):
+    """Exactly the two README lines, in a folder holding my_pump/, new/ and other.wav: the
+    default system for a single folder of normals is the AE, and it says so."""
+    tmp, _, labels = own
+    work = tmp / "readme"
+    shutil.copytree(tmp / "my_valve" / "unit_a", work / "my_pump")
+    shutil.copytree(tmp / "new" / "unit_a", work / "new")
+    shutil.copy(next(iter(labels)), work / "other.wav")
+    for prefix in ("python asd.py train --normal-dir", "python asd.py score --model"):
+        argv = readme_commands(prefix)
+        assert argv[:2] == ["python", "asd.py"]
+        done = subprocess.run([sys.executable, str(ROOT / "asd.py"), *argv[2:]], cwd=work,
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        if "train" in argv:
+            assert "train ae on" in done.stdout
+    rows = (work / "scores.csv").read_text().splitlines()
+    assert rows[0] == "file,score,decision" and len(rows) == 1 + len(list((work / "new").iterdir())) + 1
