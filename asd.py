@@ -182,6 +182,7 @@ def fit_and_save(args, clips, model_dir, about):
           f"recipe) on {device}; {len(held)} clips held out for the threshold")
     cls = systems.get_system(args.system)
     system = cls(**system_options(args, device), log=args.log)
+    check_clips(clips, system, training=True, log=args.log)
     t0 = time.time()
     if "pretrain_clips" in inspect.signature(cls.fit).parameters:
         pool = pretrain_pool(args)
@@ -220,6 +221,18 @@ def fit_and_save(args, clips, model_dir, about):
         checkpoint.unlink()
     print(f"trained in {time.time() - t0:.1f} s; gamma threshold {threshold:.4g} "
           f"({args.threshold_quantile:g} quantile of {len(scores)} {source} scores)")
+
+
+def check_clips(clips, system, *, training, log):
+    """Read and check every clip once before any work (a few seconds per thousand clips): a
+    broken, too short or (in training) silent clip stops the run with one line naming it."""
+    import features
+    shown = time.monotonic()
+    for i, clip in enumerate(clips, 1):
+        features.check_clip(clip.path, min_samples=system.min_samples, training=training)
+        if time.monotonic() - shown > 5:
+            log(f"checked {i} of {len(clips)} clips")
+            shown = time.monotonic()
 
 
 def _check_resume(partial, args):
@@ -272,6 +285,7 @@ def cmd_test(args):
     device = pick_device(args.device)
     system, threshold = load_model(run_dir(args) / "models" / args.machine, device,
                                    None if args.no_cache else args.cache_dir)
+    check_clips(clips, system, training=False, log=args.log)
     scores = system.score(clips)            # every clip scored before anything is written
     # every file of this run is written into a folder of its own first, then renamed into
     # results/: a full disk stops the run before any result appears, never half-way
@@ -297,22 +311,6 @@ def cmd_test(args):
 # score: any recordings, with a self-describing model folder
 
 
-def wav_paths(items):
-    """The files given, and every *.wav below the folders given (sorted), in order."""
-    paths = []
-    for item in map(Path, items):
-        if item.is_dir():
-            found = sorted(item.rglob("*.wav"))
-            if not found:
-                raise ValueError(f"{item}: no *.wav files in this folder or below it")
-            paths += found
-        elif item.exists():
-            paths.append(item)
-        else:
-            raise ValueError(f"{item}: no such file or folder")
-    return paths
-
-
 def cmd_score(args):
     """Print every file's anomaly score and decision (the model's gamma threshold); a file
     that cannot be scored is reported on one line and skipped, and the run ends non-zero."""
@@ -325,12 +323,13 @@ def cmd_score(args):
     system, threshold = load_model(args.model, pick_device(args.device), None)
     sections = about.get("sections", {})
     rows, failed = [], []
-    paths = wav_paths(args.paths)
+    paths = data.wav_paths(args.paths)
     for path in paths:
         clip = data.plain_clip(path, year=about["year"], machine=about["machine"],
                                section=sections.get(path.parent.name, "00"), split="test")
         try:
             data.check_name(path)
+            features.check_clip(path, min_samples=system.min_samples, training=False)
             score = float(system.score([clip])[0])
             if not np.isfinite(score):
                 raise features.AudioError(f"{path}: the model gave a non-finite score ({score})")
@@ -351,55 +350,19 @@ def cmd_score(args):
 # --------------------------------------------------------------------------------------------
 # evaluate
 
-def labelled_rows(args):
-    """One row per scored clip: machine, section, domain, label, score, decision."""
-    results = run_dir(args) / "results"
-    files = sorted(results.glob("anomaly_score_*.csv"))
-    if not files:
-        raise ValueError(f"{results}: no anomaly_score_*.csv; run 'python asd.py test' first")
-    rows = []
-    for path in files:
-        m = scoring.RESULT_NAME.match(path.name)
-        if not m:
-            raise ValueError(f"{path}: not a result file name of {args.year}")
-        truth = _truth(args, m["machine"], m["section"])
-        decisions = dict(scoring.read_csv(path.with_name(path.name.replace(
-            "anomaly_score", "decision_result"))))
-        for name, score in scoring.read_csv(path):
-            label, domain = truth(name)
-            rows.append({"machine": m["machine"], "section": m["section"], "domain": domain,
-                         "label": int(label == "anomaly"), "score": float(score),
-                         "decision": int(decisions[name])})
-    return rows
-
-
-def _truth(args, machine, section):
-    """A function from a test file name to (label, domain): from the name for the dev set,
-    from the organisers' ground-truth tables of the year for the anonymised eval set."""
-    if args.part == "eval":
-        gt = Path(args.ground_truth) if args.ground_truth else data_folder(args)
-        table = data.read_ground_truth(gt, machine=machine, section=section, year=args.year)
-
-        def from_table(name):
-            if name not in table:
-                raise ValueError(f"{gt}: the ground truth of {machine} section {section} has "
-                                 f"no row for {name}; is it the {args.year} ground truth?")
-            return table[name][:2]
-        return from_table
-
-    def from_name(name):
-        clip = data.parse_name(Path(name), year=args.year, machine=machine, split="test")
-        return clip.label, clip.domain
-    return from_name
-
-
 def cmd_evaluate(args, synthetic=False):
     """The official score, and the results table beside the baseline's published figures:
     results.json, results.txt (every metric), results.csv and results.md (the comparison)."""
     out = run_dir(args) / "results.json"
     if out.exists() and not args.force:
         raise ValueError(f"{out} exists; pass --force to overwrite")
-    result = scoring.official_score(args.year, labelled_rows(args))
+    if args.part == "eval":      # anonymised names: the organisers' ground-truth tables
+        truth = data.truth_from_tables(Path(args.ground_truth) if args.ground_truth
+                                       else data_folder(args), year=args.year)
+    else:                        # labels and domains are in the dev set's file names
+        truth = data.truth_from_names(year=args.year)
+    rows = scoring.labelled_rows(run_dir(args) / "results", year=args.year, truth=truth)
+    result = scoring.official_score(args.year, rows)
     header, rows = scoring.comparison_rows(result, with_baseline=args.part == "dev")
     markdown = scoring.format_markdown(header, rows)
     data.write_json(out, {**result, "args": {**run_args(args), **versions()}})

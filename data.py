@@ -384,6 +384,51 @@ def normal_clips(folder, *, year):
     return clips, sections
 
 
+# --------------------------------------------------------------------------------------------
+# Files to score, and the labels of scored clips
+
+def wav_paths(items):
+    """The files given, and every *.wav below the folders given (sorted), in order."""
+    paths = []
+    for item in map(Path, items):
+        if item.is_dir():
+            found = sorted(item.rglob("*.wav"))
+            if not found:
+                raise DataError(f"{item}: no *.wav files in this folder or below it")
+            paths += found
+        elif item.exists():
+            paths.append(item)
+        else:
+            raise DataError(f"{item}: no such file or folder")
+    return paths
+
+
+def truth_from_names(*, year):
+    """(machine, section, file name) -> (label, domain), read from a dev set's file names."""
+    def truth(machine, section, name):
+        clip = parse_name(Path(name), year=year, machine=machine, split="test")
+        return clip.label, clip.domain
+    return truth
+
+
+def truth_from_tables(gt, *, year):
+    """(machine, section, file name) -> (label, domain), from the organisers' ground-truth
+    tables of `year` in folder gt (for the anonymised eval set); each table read once."""
+    tables = {}
+
+    def truth(machine, section, name):
+        if (machine, section) not in tables:
+            tables[machine, section] = read_ground_truth(gt, machine=machine, section=section,
+                                                         year=year)
+        table = tables[machine, section]
+        if name not in table:
+            raise DataError(f"{gt}: the ground truth of {machine} section {section} has no row "
+                            f"for {name}; is it the {year} ground truth?")
+        return table[name][:2]
+    return truth
+
+
+# --------------------------------------------------------------------------------------------
 # Held-out normals for the decision threshold
 
 MIN_HELD_OUT = 8   # clips: a gamma fitted to fewer scores is a guess

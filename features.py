@@ -122,6 +122,19 @@ def load_batch(paths, *, sr: int = SR) -> list[np.ndarray]:
     return [load_wav(p, sr=sr) for p in paths]  # [(n_samples,)] * len(paths)
 
 
+def check_clip(path, *, min_samples: int, training: bool, sr: int = SR) -> None:
+    """load_wav's checks, and: at least min_samples long (the system's shortest input), and,
+    for a training clip, not silent (all-zero: it would teach the model that silence, a
+    stopped machine or a dead microphone, is normal). Raises AudioError naming the file."""
+    x = load_wav(path, sr=sr)
+    if len(x) < min_samples:
+        raise AudioError(f"{path}: {len(x) / sr:.3f} s long, shorter than the {min_samples / sr:.3f} s "
+                         f"this system needs; remove it or record a longer clip")
+    if training and not np.any(x):
+        raise AudioError(f"{path}: silent (every sample is 0); a training clip must hold the "
+                         f"machine's normal sound: remove it from the training folder")
+
+
 def _as_signal(x) -> torch.Tensor:
     """x as a torch tensor of float samples, dtype and device kept (numpy arrays land on the CPU)."""
     x = torch.as_tensor(x)

@@ -15,6 +15,7 @@ and reading the ground truth (the dataset module's job: rows arrive here already
 import csv
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 
@@ -422,6 +423,28 @@ def check_spread(scores, what):
 
 RESULT_NAME = re.compile(r"^anomaly_score_(?P<machine>.+?)_(?:id|section)_(?P<section>\d\d)"
                          r"(?:_(?P<domain>source|target))?(?:_test)?\.csv$")   # result_filename's
+
+
+def labelled_rows(results, *, year, truth):
+    """One row per scored clip of the result CSVs in folder `results`: machine, section,
+    domain, label (1 anomaly), score, decision; truth(machine, section, name) gives (label,
+    domain), from the dev set's names or the eval set's ground-truth tables."""
+    files = sorted(Path(results).glob("anomaly_score_*.csv"))
+    if not files:
+        raise ScoringError(f"{results}: no anomaly_score_*.csv; run 'python asd.py test' first")
+    rows = []
+    for path in files:
+        m = RESULT_NAME.match(path.name)
+        if not m:
+            raise ScoringError(f"{path}: not a result file name of {year}")
+        decisions = dict(read_csv(path.with_name(path.name.replace("anomaly_score",
+                                                                   "decision_result"))))
+        for name, score in read_csv(path):
+            label, domain = truth(m["machine"], m["section"], name)
+            rows.append({"machine": m["machine"], "section": m["section"], "domain": domain,
+                         "label": int(label == "anomaly"), "score": float(score),
+                         "decision": int(decisions[name])})
+    return rows
 
 
 def result_filename(year, kind, machine, section, domain=None):

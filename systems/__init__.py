@@ -16,6 +16,8 @@ The contract every system keeps:
                                      # data, pre-trained models
         settings: dict               # the input settings model.json records (declared in
                                      # __init__, not looked up with getattr)
+        min_samples: int             # the shortest clip it can score (a shorter one is an
+                                     # error naming the file, not a crash)
         add_flags(group)             # only this system's own flags, one per own keyword
         __init__(self, *, year, epochs, batch_size, lr, seed, device, cache_dir, log,
                  <own options>)      # own options: the keyword-only parameters after `log`;

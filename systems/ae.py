@@ -55,6 +55,8 @@ class AE:
         self.ae_score = ("mahalanobis" if year >= 2023 else "mse") if ae_score == "auto" else ae_score
         self.n_frames = n_frames
         self.settings = features.log_mel_settings(year)
+        # the shortest clip that gives n_frames frames (and that reflect padding accepts)
+        self.min_samples = max((n_frames - 1) * self.settings["hop"], self.settings["n_fft"] // 2 + 1)
         self.model = models.AutoEncoder(input_dim=self.settings["n_mels"] * n_frames).to(device)
         self.detector = detectors.Mahalanobis()          # fitted only for the Mahalanobis score
 

@@ -99,6 +99,7 @@ class Shinmura2020:
         self.year, self.seed, self.device, self.cache_dir, self.log = year, seed, device, cache_dir, log
         self.width, self.image_size = width, image_size
         self.settings = dict(n_fft=512, hop=256, size=image_size, pad_mode="reflect")
+        self.min_samples = self.settings["n_fft"] // 2 + 1      # reflect padding's minimum
         self.arcface = dict(scale=arcface_scale, margin=arcface_margin)
         self.generators = tuple(generators)
         self.pretrain, self.pretrain_epochs = pretrain, pretrain_epochs

@@ -5,10 +5,13 @@ run's result files appear all together or not at all. Also the threshold's held-
 the refusal of a collapsed model."""
 import errno
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 import asd
 import scoring
@@ -145,3 +148,32 @@ def test_one_test_run_writes_all_its_results_or_none(tmp_path, monkeypatch, caps
     monkeypatch.setattr(scoring, "write_csv", real)
     assert asd.main(["test", *run]) == 0                            # and no --force needed
     assert len(list(results.iterdir())) == 4
+
+
+def test_silent_training_clip_is_refused_by_name(own, tmp_path, capsys):
+    data = tmp_path / "my_valve"
+    shutil.copytree(own / "my_valve", data)
+    sf.write(data / "rec_007.wav", np.zeros(16000, np.float32), 16000, subtype="PCM_16")
+    assert asd.main(["train", "--normal-dir", data, "--out", tmp_path / "m", *FAST]) == 2
+    err = one_line(capsys)
+    assert "rec_007.wav: silent" in err
+    assert not (tmp_path / "m").exists() and not (tmp_path / ".m.partial").exists()
+
+
+def test_score_reports_short_and_badly_named_files_and_scores_the_rest(own, tmp_path, capsys):
+    good = sorted((own / "my_valve").glob("*.wav"))
+    folder = tmp_path / "new"
+    folder.mkdir()
+    shutil.copy(good[0], folder / "a_good.wav")
+    sf.write(folder / "b_short.wav", np.full(800, 0.1, np.float32), 16000, subtype="PCM_16")
+    shutil.copy(good[1], os.fsencode(folder) + b"/c_\xff\xfe.wav")        # not UTF-8
+    shutil.copy(good[2], folder / "d_good.wav")
+    assert asd.main(["score", "--model", own / "model", folder, "--csv", tmp_path / "s.csv",
+                     "--device", "cpu"]) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert "b_short.wav: 0.050 s long, shorter than the 0.128 s" in lines[0]
+    assert "c_\\xff\\xfe.wav: the file name is not valid UTF-8" in lines[1]
+    assert "2 of 4 files could not be scored" in lines[2] and len(lines) == 3
+    scored = [row.split(",")[0] for row in (tmp_path / "s.csv").read_text().splitlines()[1:]]
+    assert [Path(p).name for p in scored] == ["a_good.wav", "d_good.wav"]
