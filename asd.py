@@ -397,13 +397,13 @@ def cmd_package(args):
     """The eval set's result CSVs and a <label>.meta.yaml (the organisers' template fields) in
     DEST/dcase<YEAR>/<system>/<label>/, the folder to submit."""
     import submission
-    run = Path(args.out) / f"dcase{args.year}" / args.system
-    _, machines = submission.result_files(run / "eval" / "results", args.year)
     if args.label == submission.PLACEHOLDER_LABEL:
         print(f"warning: the label is the placeholder {args.label}; pass --label "
               f"<Lastname>_<Institute>_task2_<1-4> (the corresponding author's)")
     elif not submission.LABEL.match(args.label):
         raise ValueError(f"--label {args.label}: not <Lastname>_<Institute>_task2_<1-4>")
+    run = Path(args.out) / f"dcase{args.year}" / args.system
+    _, machines = submission.result_files(run / "eval" / "results", args.year)
     sizes, threshold = [], None
     for machine in machines:
         system, _ = load_model(run / "eval" / "models" / machine, "cpu", None)
