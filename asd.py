@@ -70,8 +70,10 @@ class Log:
         print(line, flush=True)
 
 
-def seed_everything(seed):
+def start_torch(seed, threads):
+    """Thread count and every seed, before any torch work."""
     import torch
+    torch.set_num_threads(threads)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -536,7 +538,15 @@ def add_model_flags(p, system, year, quick):
     add_compute_flags(p)
 
 
+def add_threads_flag(p):
+    # 2 threads on 2 cores shared with other work busy-wait: single steps stalled 5-100x here
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; the same seed gives the same scores for the same "
+                        "count (1: steady on a shared machine)")
+
+
 def add_compute_flags(p):
+    add_threads_flag(p)
     p.add_argument("--seed", type=int, default=0, help="seed of every random generator")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: CUDA when available")
@@ -564,6 +574,7 @@ def build_parser(system=None, year=2020, quick=False):
     p.add_argument("paths", nargs="+", help="wav files, and folders searched for *.wav")
     p.add_argument("--model", required=True, help="a model folder written by train")
     p.add_argument("--csv", default=None, help="also write file,score,decision to this CSV")
+    add_threads_flag(p)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: CUDA when available")
     p.set_defaults(func=cmd_score)
@@ -688,7 +699,7 @@ def main(argv=None):
         elif getattr(args, "system", None) == "auto":
             args.system = data.get_year(args.year).system
         if args.command in ("train", "test", "score", "demo"):
-            seed_everything(args.seed if hasattr(args, "seed") else 0)
+            start_torch(getattr(args, "seed", 0), args.threads)
         args.func(args)
     except (ValueError, OSError) as e:        # data, audio, scoring errors: one line, no trace
         if debug:

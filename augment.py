@@ -4,7 +4,8 @@ representations live in features.py.
 
 Every function takes its randomness from the generator it is given (and, where a Beta draw is
 needed, a numpy Generator seeded from it: torch has no seeded Beta sampler), so a training run
-replays exactly from the generator state its checkpoint saved.
+replays exactly from the generator state its checkpoint saved. The generator lives on the
+images' device: on a GPU the noise is drawn there, with no copy from the host.
 """
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ LINE_DB = (5.0, 20.0)     # the slight line's level above the image's mean power
 
 
 def _uniform(gen, shape, low, high, like):
-    return low + (high - low) * torch.rand(shape, generator=gen).to(like.device, like.dtype)
+    return low + (high - low) * torch.rand(shape, generator=gen, device=like.device).to(like.dtype)
 
 
 def _add_power(spec_db, noise_power):
@@ -38,7 +39,7 @@ def _noise_level(gen, spec_db):
 
 def white_noise(spec_db, gen) -> torch.Tensor:
     """Noise of equal expected power in every frequency bin: disturbs the whole spectrum."""
-    fluct = torch.empty(spec_db.shape).exponential_(generator=gen).to(spec_db)  # noise power
+    fluct = torch.empty_like(spec_db).exponential_(generator=gen)      # noise power, (B, F, T)
     return _add_power(spec_db, _noise_level(gen, spec_db) * fluct)
 
 
@@ -48,7 +49,7 @@ def pink_noise(spec_db, gen) -> torch.Tensor:
     n_freq = spec_db.shape[-2]
     tilt = 1.0 / torch.arange(1, n_freq + 1, dtype=spec_db.dtype, device=spec_db.device)
     tilt = (tilt * n_freq / tilt.sum())[:, None]        # (F, 1), mean 1 over the rows
-    fluct = torch.empty(spec_db.shape).exponential_(generator=gen).to(spec_db)
+    fluct = torch.empty_like(spec_db).exponential_(generator=gen)
     return _add_power(spec_db, _noise_level(gen, spec_db) * tilt * fluct)
 
 
@@ -56,15 +57,16 @@ def slight_line(spec_db, gen) -> torch.Tensor:
     """A thin line at one high frequency (upper half of the rows), switched on and off
     periodically: the squeal of a dry bearing."""
     b, n_freq, n_time = spec_db.shape
-    rows = torch.randint(n_freq // 2, n_freq - 1, (b,), generator=gen)
-    periods = torch.randint(4, max(5, n_time // 4), (b,), generator=gen)
-    out = spec_db.clone()
+    device = spec_db.device
+    rows = torch.randint(n_freq // 2, n_freq - 1, (b,), generator=gen, device=device)
+    periods = torch.randint(4, max(5, n_time // 4), (b,), generator=gen, device=device)[:, None]
     level = _uniform(gen, (b,), *LINE_DB, spec_db)
     mean_db = 10.0 * torch.log10((10.0 ** (spec_db / 10.0)).mean(dim=(-2, -1)))  # (B,)
-    for i in range(b):
-        on = (torch.arange(n_time) % periods[i]) < (periods[i] + 1) // 2
-        line = torch.maximum(out[i, rows[i], on], mean_db[i] + level[i])
-        out[i, rows[i], on] = line
+    on = torch.arange(n_time, device=device) % periods < (periods + 1) // 2      # (B, T)
+    batch = torch.arange(b, device=device)
+    row = spec_db[batch, rows]                                                  # (B, T)
+    out = spec_db.clone()
+    out[batch, rows] = torch.where(on, torch.maximum(row, (mean_db + level)[:, None]), row)
     return out
 
 
@@ -83,10 +85,10 @@ def generate_anomalies(spec_db, gen, *, kinds=tuple(GENERATORS)) -> torch.Tensor
     unknown = [k for k in kinds if k not in GENERATORS]
     if unknown or not kinds:
         raise ValueError(f"unknown generators {unknown}; valid: {', '.join(GENERATORS)}")
-    pick = torch.randint(len(kinds), (len(spec_db),), generator=gen)
+    pick = torch.randint(len(kinds), (len(spec_db),), generator=gen, device=spec_db.device)
     out = torch.empty_like(spec_db)
     for k, name in enumerate(kinds):
-        idx = (pick == k).nonzero().flatten().to(spec_db.device)
+        idx = (pick == k).nonzero().flatten()
         if len(idx):
             out[idx] = GENERATORS[name](spec_db[idx], gen)
     return out
@@ -97,7 +99,7 @@ def generate_anomalies(spec_db, gen, *, kinds=tuple(GENERATORS)) -> torch.Tensor
 
 def numpy_rng(gen) -> np.random.Generator:
     """A numpy Generator seeded by one draw from gen, for the Beta draws of mixup."""
-    return np.random.default_rng(int(torch.randint(2 ** 31, (1,), generator=gen)))
+    return np.random.default_rng(int(torch.randint(2 ** 31, (1,), generator=gen, device=gen.device)))
 
 
 def mixup(x, gen, rng, *, alpha):
@@ -106,5 +108,5 @@ def mixup(x, gen, rng, *, alpha):
     The loss is mixed the same way: lam * loss(y) + (1 - lam) * loss(y[perm]).
     x: (B, ...). Returns (mixed x (B, ...), perm (B,), lam)."""
     lam = float(rng.beta(alpha, alpha))
-    perm = torch.randperm(len(x), generator=gen)
-    return lam * x + (1 - lam) * x[perm.to(x.device)], perm, lam
+    perm = torch.randperm(len(x), generator=gen, device=gen.device)
+    return lam * x + (1 - lam) * x[perm], perm, lam

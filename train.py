@@ -26,7 +26,7 @@ def batches(n, size, gen):
     """A random order of range(n) cut into batches of `size` indices (the last one shorter).
     A last batch of one index is dropped: BatchNorm cannot normalise a single example in
     training, and one example in an epoch changes nothing. Yields (B,) int64 tensors."""
-    order = torch.randperm(n, generator=gen)
+    order = torch.randperm(n, generator=gen, device=gen.device)     # on the generator's device
     for start in range(0, n, size):
         idx = order[start:start + size]
         if len(idx) >= 2:

@@ -82,6 +82,9 @@ class Shinmura2020:
         group.add_argument("--hard-factor", type=int, default=5,
                            help="candidates generated per normal clip for hard samples")
         group.add_argument("--ensemble", type=int, default=10, help="models averaged (paper: 10)")
+        group.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                           help="bf16: bfloat16 autocast and channels_last memory on CUDA "
+                                "(about twice as fast there); on the CPU fp32 is used and said")
         group.add_argument("--recompute-bn", default="auto", choices=("auto", "always", "never"),
                            help="recompute BatchNorm statistics over the training images after "
                                 "a member's training; auto: only when its embeddings have "
@@ -91,7 +94,7 @@ class Shinmura2020:
                  cache_dir=None, log=print, width=1.0, image_size=224, arcface_scale=30.0,
                  arcface_margin=0.05, generators=tuple(augment.GENERATORS), pretrain=True,
                  pretrain_epochs=10, pretrain_classes=3, mixup_alpha=0.2, hard_samples=True,
-                 hard_factor=5, ensemble=10, recompute_bn="auto"):
+                 hard_factor=5, ensemble=10, precision="fp32", recompute_bn="auto"):
         paper = self.defaults(year)
         self.epochs = paper["epochs"] if epochs is None else epochs
         self.batch_size = paper["batch_size"] if batch_size is None else batch_size
@@ -105,7 +108,10 @@ class Shinmura2020:
         self.pretrain, self.pretrain_epochs = pretrain, pretrain_epochs
         self.pretrain_classes, self.mixup_alpha = pretrain_classes, mixup_alpha
         self.hard_samples, self.hard_factor, self.ensemble = hard_samples, hard_factor, ensemble
-        self.recompute_bn = recompute_bn
+        self.recompute_bn, self.precision = recompute_bn, precision
+        self.bf16 = precision == "bf16" and str(device).startswith("cuda")
+        if precision == "bf16" and not self.bf16:
+            log(f"--precision bf16 is for CUDA; on {device} this run uses fp32")
         self.mean, self.std = 0.0, 1.0
         self.members = []        # one MobileNetV2 per ensemble member
         self.detectors = []      # one NearestCosine per member, fitted on its embeddings
@@ -117,10 +123,19 @@ class Shinmura2020:
             cache_dir=self.cache_dir, device=self.device))
 
     def normalise(self, images_db):
-        return ((images_db - self.mean) / self.std).unsqueeze(1)      # (B, 1, H, W)
+        x = ((images_db - self.mean) / self.std).unsqueeze(1)          # (B, 1, H, W)
+        return x.contiguous(memory_format=torch.channels_last) if self.bf16 else x
+
+    def autocast(self):
+        """bfloat16 matrix products and convolutions on CUDA with --precision bf16."""
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16)
+
+    def network(self):
+        net = models.MobileNetV2(width=self.width).to(self.device)
+        return net.to(memory_format=torch.channels_last) if self.bf16 else net
 
     def fit(self, clips, workdir, *, pretrain_clips=None):
-        x = self.images(clips)
+        x = self.images(clips).to(self.device)        # (N, H, W) dB; stays on the device
         self.mean, self.std = float(x.mean()), float(x.std())
         backbone = self._pretrained(pretrain_clips or clips, workdir) if self.pretrain else None
         self.members, self.detectors = [], []
@@ -172,23 +187,25 @@ class Shinmura2020:
             return torch.load(path, weights_only=True)
         pool, labels, n_classes = self._pretrain_set(pool)
         self.log(f"pre-training on {len(pool)} clips, {n_classes} classes")
-        x = self.images(pool)
+        x = self.images(pool).to(self.device)
         x = (x - x.mean()) / x.std()
+        labels = labels.to(self.device)
         with train.seeded(self.seed):
-            net = models.MobileNetV2(width=self.width).to(self.device)
+            net = self.network()
             head = torch.nn.Linear(net.embedding_dim, n_classes).to(self.device)
         module = torch.nn.ModuleDict({"net": net, "head": head})
         opt = torch.optim.Adam(module.parameters(), lr=PRETRAIN_LR)
-        gen = torch.Generator().manual_seed(self.seed)
+        gen = torch.Generator(self.device).manual_seed(self.seed)     # draws on the device
         checkpoint = path.with_suffix(".checkpoint")
         net.train()
         for epoch in train.epochs(module, opt, gen, self.pretrain_epochs, checkpoint, self.log,
                                   what="pre-training epoch"):
             rng = augment.numpy_rng(gen)                             # mixup's Beta draws
             for idx in train.batches(len(x), PRETRAIN_BATCH, gen):
-                xb, yb = x[idx].unsqueeze(1).to(self.device), labels[idx].to(self.device)
+                xb, yb = x[idx].unsqueeze(1), labels[idx]
                 mixed, perm, lam = augment.mixup(xb, gen, rng, alpha=self.mixup_alpha)
-                logits = head(net(mixed))
+                with self.autocast():
+                    logits = head(net(mixed)).float()
                 loss = lam * F.cross_entropy(logits, yb) + (1 - lam) * F.cross_entropy(logits, yb[perm])
                 epoch.add(train.step(opt, loss), len(idx))
         train.save(net.state_dict(), path)
@@ -202,7 +219,7 @@ class Shinmura2020:
         """Self-supervised training of ensemble member i, from the pre-trained weights."""
         done = workdir / f"member_{i}.pt"
         with train.seeded(self.seed + i):
-            net = models.MobileNetV2(width=self.width).to(self.device)
+            net = self.network()
             head = models.ArcFace(net.embedding_dim, 2, **self.arcface).to(self.device)
         if done.exists():                                   # finished before an interruption
             net.load_state_dict(torch.load(done, weights_only=True))
@@ -211,18 +228,20 @@ class Shinmura2020:
             net.load_state_dict(backbone)
         module = torch.nn.ModuleDict({"net": net, "head": head})
         opt = torch.optim.Adam(module.parameters(), lr=self.lr)
-        gen = torch.Generator().manual_seed(self.seed + 1000 * (i + 1))
+        gen = torch.Generator(self.device).manual_seed(self.seed + 1000 * (i + 1))
         checkpoint = workdir / f"checkpoint_{i}.pt"
         net.train(), head.train()
+        labels = torch.zeros(2 * self.batch_size, dtype=torch.long, device=self.device)
+        labels[self.batch_size:] = 1                              # normal clips, then anomalies
         for epoch in train.epochs(module, opt, gen, self.epochs, checkpoint, self.log,
                                   what=f"model {i + 1}/{self.ensemble} epoch"):
             for idx in train.batches(len(x), self.batch_size, gen):
-                normal = x[idx].to(self.device)                            # (B, H, W) dB
+                normal = x[idx]                                            # (B, H, W) dB
                 anomalies = self._anomalies(net, head, normal, gen)
-                labels = torch.cat([torch.zeros(len(normal)), torch.ones(len(anomalies))])
-                labels = labels.long().to(self.device)                     # 0 normal, 1 anomaly
-                emb = net(self.normalise(torch.cat([normal, anomalies])))
-                loss = F.cross_entropy(head(emb, labels), labels)
+                y = labels[self.batch_size - len(idx):self.batch_size + len(idx)]  # 0s, then 1s
+                with self.autocast():
+                    emb = net(self.normalise(torch.cat([normal, anomalies]))).float()
+                loss = F.cross_entropy(head(emb, y), y)
                 epoch.add(train.step(opt, loss), len(idx))
         # BatchNorm's running statistics move 10% a step from mean 0, variance 1: after the
         # paper's 7 epochs over a small set (52 clips: ~24 steps) they can still be far from
@@ -234,7 +253,7 @@ class Shinmura2020:
                                              self._collapsed(net, x)):
             self.log(f"model {i + 1}: embeddings collapsed; BatchNorm statistics recomputed")
             torch.optim.swa_utils.update_bn(
-                (self.normalise(x[j:j + self.batch_size].to(self.device))
+                (self.normalise(x[j:j + self.batch_size])
                  for j in range(0, len(x), self.batch_size)), net)
         train.save(net.state_dict(), done)
         checkpoint.unlink(missing_ok=True)
@@ -253,7 +272,9 @@ class Shinmura2020:
                                                 kinds=self.generators)
         with torch.no_grad():
             net.eval()
-            p_anomaly = F.softmax(head(net(self.normalise(candidates))), dim=1)[:, 1]
+            with self.autocast():
+                emb = net(self.normalise(candidates)).float()
+            p_anomaly = F.softmax(head(emb), dim=1)[:, 1]
             net.train()
         return select_hard(candidates, p_anomaly, len(normal))
 
@@ -264,8 +285,9 @@ class Shinmura2020:
     def _embed(self, net, x, batch=64):
         """GAP embeddings of dB images (N, H, W) -> (N, D), on the CPU."""
         net.eval()
-        return torch.cat([net(self.normalise(x[i:i + batch].to(self.device))).cpu()
-                          for i in range(0, len(x), batch)])
+        with self.autocast():
+            return torch.cat([net(self.normalise(x[i:i + batch].to(self.device))).float().cpu()
+                              for i in range(0, len(x), batch)])
 
     def score(self, clips):
         x = self.images(clips)
@@ -293,7 +315,7 @@ class Shinmura2020:
                           for t in state["train_embeddings"]]
         self.members = []
         for weights in state["members"]:
-            net = models.MobileNetV2(width=self.width).to(self.device)
+            net = self.network()
             net.load_state_dict(weights)
             self.members.append(net)
 

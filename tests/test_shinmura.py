@@ -240,3 +240,19 @@ def test_ablation_flags_reach_the_system(tmp_path, capsys):
     assert "pre-training" not in capsys.readouterr().out
     code = asd.main(["train", *run, "--force", *flags[:-6], "--pretrain", "--pretrain-classes", "1"])
     assert code == 2 and "pre-training needs two classes" in capsys.readouterr().err
+
+
+def test_bf16_on_the_cpu_is_said_and_trains_in_fp32(tmp_path, capsys):
+    synth.synthesize(tmp_path / "data", year=2023, machines=["valve"], n_train=12, n_test=1)
+    flags = ["--width", "0.25", "--image-size", "32", "--epochs", "2", "--ensemble", "1",
+             "--batch-size", "4", "--no-pretrain", "--device", "cpu", "--threshold-holdout", "0"]
+    thresholds = []
+    for out, extra in (("fp32", []), ("bf16", ["--precision", "bf16"])):
+        run = ["--year", "2023", "--machine", "valve", "--system", "shinmura2020",
+               "--data-root", tmp_path / "data", "--out", tmp_path / out, "--no-cache"]
+        assert asd.main(["train", *run, *flags, *extra]) == 0
+        thresholds.append((tmp_path / out / "dcase2023/shinmura2020/dev/models/valve/"
+                           "threshold.json").read_text())
+        printed = capsys.readouterr().out
+        assert ("--precision bf16 is for CUDA; on cpu this run uses fp32" in printed) == bool(extra)
+    assert thresholds[0] == thresholds[1]
