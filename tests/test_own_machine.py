@@ -16,7 +16,7 @@ import scoring
 import synth
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--epochs", "10", "--batch-size", "64", "--device", "cpu"]
+FAST = ["--epochs", "20", "--batch-size", "64", "--device", "cpu"]
 AUC_BAR = 0.9
 
 
