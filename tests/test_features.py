@@ -17,6 +17,7 @@ import features as F
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEV_SAMPLE = SHARED_DATA / "dcase2023_dev_sample"
+ROBOTIC_ARM_SAMPLE = SHARED_DATA / "dcase2024_eval_roboticarm_sample"  # quieter clips, 7.9 s
 DB_TOL = 1e-3  # dB, log-mel agreement at normal levels
 
 
@@ -58,6 +59,52 @@ def test_mel_filterbank_equals_librosa(sr, n_fft, n_mels, htk, norm, fmin, fmax)
     assert ours.shape == ref.shape == (n_mels, n_fft // 2 + 1)
     assert ours.dtype == np.float32
     np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+
+
+FILTERBANKS = [  # (sr, n_fft, n_mels, fmin, fmax): the baselines', others, and one with empty filters
+    (16000, 1024, 128, 0.0, None), (16000, 512, 64, 0.0, None), (22050, 2048, 128, 20.0, 8000.0),
+    (16000, 1024, 64, 50.0, 7000.0), (16000, 256, 128, 0.0, None)]
+
+
+@pytest.mark.filterwarnings("ignore:Empty filters")
+@pytest.mark.parametrize("block", [1, 16, 40])
+@pytest.mark.parametrize("sr, n_fft, n_mels, fmin, fmax", FILTERBANKS)
+def test_mel_blocks_hold_every_weight_of_the_filterbank(sr, n_fft, n_mels, fmin, fmax, block):
+    """Put back in place, the trimmed blocks are the dense filterbank, bit for bit: no weight
+    falls outside its block's bins (block 1 on n_fft 256 also gives blocks with no bins at all)."""
+    dense = F._mel_tensor(sr, n_fft, n_mels, fmin, fmax, torch.float32, torch.device("cpu"))
+    rebuilt = torch.zeros_like(dense)
+    blocks = F._mel_blocks(sr, n_fft, n_mels, fmin, fmax, torch.float32, torch.device("cpu"), block=block)
+    assert [b[:2] for b in blocks] == [(m, min(m + block, n_mels)) for m in range(0, n_mels, block)]
+    for m0, m1, k0, k1, weights in blocks:
+        rebuilt[m0:m1, k0:k1] = weights.mT
+    assert torch.equal(rebuilt, dense)
+
+
+@pytest.mark.filterwarnings("ignore:Empty filters")
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("sr, n_fft, n_mels, fmin, fmax", FILTERBANKS)
+def test_mel_banded_equals_dense_product(sr, n_fft, n_mels, fmin, fmax, dtype, rtol):
+    """Only the order of the sums differs from the dense product: equal to float rounding."""
+    spec_power = torch.rand(2, 3, 50, n_fft // 2 + 1, dtype=dtype) ** 4  # (..., T, n_bins), a wide range
+    dense = F._mel_tensor(sr, n_fft, n_mels, fmin, fmax, dtype, torch.device("cpu"))
+    blocks = F._mel_blocks(sr, n_fft, n_mels, fmin, fmax, dtype, torch.device("cpu"))
+    banded = F.mel_banded(spec_power, blocks, n_mels=n_mels)
+    assert banded.shape == (2, 3, 50, n_mels) and banded.dtype == dtype
+    torch.testing.assert_close(banded, spec_power @ dense.mT, rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("power", [1.0, 2.0])
+@pytest.mark.parametrize("year", [2020, 2023])
+def test_log_mel_equals_the_plain_reference(year, power):
+    """log_mel's shortcuts (power in place, banded product, floor and log in place) against
+    log_mel_reference, on batched and single clips, float32 and float64."""
+    settings = {**F.log_mel_settings(year), "power": power}
+    clips = np.stack([machine_like(1.5, seed=s) for s in range(2)])[:, None]  # (2, 1, n_samples)
+    for x, atol in [(clips, 1e-4), (clips[0, 0], 1e-4), (clips.astype(np.float64), 1e-9)]:
+        ours, plain = F.log_mel(x, **settings), F.log_mel_reference(x, **settings)
+        assert ours.shape == plain.shape and ours.dtype == plain.dtype and ours.is_contiguous()
+        torch.testing.assert_close(ours, plain, rtol=0, atol=atol)
 
 
 def test_mel_filterbank_warns_on_empty_filters_like_librosa():
@@ -140,10 +187,11 @@ def test_log_mel_batched_equals_one_by_one():
         torch.testing.assert_close(batched[i], single, rtol=0, atol=1e-4)
 
 
-def test_log_mel_on_a_real_dcase_clip():
-    if not DEV_SAMPLE.is_dir():
-        pytest.skip(f"{DEV_SAMPLE} is absent (a clean clone without ../shared): no real clip to test")
-    path = sorted(DEV_SAMPLE.rglob("*.wav"))[0]
+@pytest.mark.parametrize("folder", [DEV_SAMPLE, ROBOTIC_ARM_SAMPLE], ids=["dev2023", "roboticarm2024"])
+def test_log_mel_on_a_real_dcase_clip(folder):
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is absent (a clean clone without ../shared): no real clip to test")
+    path = sorted(folder.rglob("*.wav"))[0]
     x = F.load_wav(path)
     for year in (2020, 2023):
         diff = np.abs(F.log_mel(x, **F.log_mel_settings(year)).numpy() - baseline_log_mel(x, year)).max()
