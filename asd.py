@@ -482,8 +482,31 @@ def cmd_list(args):
 
 
 def cmd_bench(args):
+    """bench features: bench.py's log-mel benchmark; bench train --system S [its train flags]
+    [--n-train N]: seconds per epoch and peak memory of S on a synthetic machine type."""
     import bench
-    bench.main(args.bench_args)
+    if args.what == "features":
+        return bench.main(args.bench_args)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--n-train", type=int, default=20, help="training clips per section")
+    known, rest = pre.parse_known_args(args.bench_args)
+    argv = ["train", *rest]
+    system, year, quick = phase_one(argv)
+    train_args = build_parser(system, year, quick).parse_args(argv)
+    train_args.system = system
+    start_torch(train_args.seed, train_args.threads)
+    device = pick_device(train_args.device)
+    print(f"bench train {system} ({year} recipe) on {device}, {train_args.threads} thread(s)")
+    result = bench.bench_train(systems.get_system(system), system_options(train_args, device),
+                               year=year, n_train=known.n_train)
+    for name in ("pre-training", "training"):
+        if name in result:
+            r = result[name]
+            print(f"{name:13s} {r['epochs']} epochs: {r['s_per_epoch_min']:.2f} s/epoch min, "
+                  f"{r['s_per_epoch_median']:.2f} median; {r['clips_per_s']:.1f} clips/s")
+    print(f"{result['clips']} clips of {result['machine']}; {result['total_s']:.1f} s in all; peak "
+          f"memory {result['peak_memory_mb']:.0f} MB ({result['peak_memory_of']})")
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -658,9 +681,10 @@ def add_data_parsers(sub, fmt, system, year, quick):
     p.add_argument("--year", type=int, default=2020, help="DCASE year")
     p.add_argument("--part", default="dev", choices=("dev", "eval"), help="dev or eval set")
     p.set_defaults(func=cmd_list)
-    p = sub.add_parser("bench", help="benchmarks: 'features' (log-mel against librosa)",
+    p = sub.add_parser("bench", help="benchmarks: 'features' (log-mel against librosa), "
+                       "'train' (a system's seconds per epoch and peak memory)",
                        formatter_class=fmt)
-    p.add_argument("what", choices=("features",), help="what to measure")
+    p.add_argument("what", choices=("features", "train"), help="what to measure")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of bench.py")
     p.set_defaults(func=cmd_bench)
 

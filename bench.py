@@ -250,6 +250,55 @@ def print_table(result: dict) -> None:
             print(f"  {step:16s}" + "".join(f"{cell:>16s}" for cell in cells))
 
 
+# --------------------------------------------------------------------------------------------
+# bench train: seconds per epoch and peak memory of one system's training
+
+def bench_train(cls, options: dict, *, year: int = 2020, n_train: int = 20) -> dict:
+    """Train cls(**options) once on a synthetic machine type made here (the first of `year`,
+    n_train training clips per section) and time each epoch from its progress lines (from the
+    line before: the first epoch of a model includes its set-up). Returns seconds per epoch of
+    pre-training and of training (min and median), training clips per second, and the peak
+    memory: CUDA's allocator peak on a GPU, else the process's peak resident size."""
+    import resource
+    import tempfile
+
+    import data
+    import synth
+
+    times, last = {}, [time.perf_counter()]
+
+    def timed(line):                  # the system's log; an epoch line closes an epoch
+        now = time.perf_counter()
+        if line.startswith("pre-training epoch"):
+            times.setdefault("pre-training", []).append(now - last[0])
+        elif " epoch " in f" {line}" and not line.startswith("resuming"):
+            times.setdefault("training", []).append(now - last[0])
+        last[0] = now
+        print(f"  {line}")
+    cuda = str(options["device"]).startswith("cuda")
+    machine = synth.default_machines(year)[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        synth.synthesize(f"{tmp}/data", year=year, machines=[machine], n_train=n_train,
+                         n_test=1, eval_part=False)
+        clips = data.list_clips(data.part_dir(f"{tmp}/data", year, "dev"), year=year,
+                                machine=machine, split="train")
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        system = cls(**{**options, "log": timed, "cache_dir": f"{tmp}/cache"})
+        start = last[0] = time.perf_counter()
+        system.fit(clips, Path(tmp))
+        total = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated() if cuda else
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)   # bytes (Linux: KiB)
+    result = {"clips": len(clips), "machine": machine, "total_s": total,
+              "peak_memory_mb": peak / 2 ** 20, "peak_memory_of": "CUDA allocator" if cuda
+              else "process resident size", "threads": torch.get_num_threads()}
+    for name, t in times.items():
+        result[name] = {"epochs": len(t), "s_per_epoch_min": min(t),
+                        "s_per_epoch_median": float(np.median(t)), "clips_per_s": len(clips) / min(t)}
+    return result
+
+
 def comma_ints(text: str) -> list[int]:
     """'1,2' -> [1, 2], for the flags that take one or more numbers."""
     try:

@@ -30,6 +30,7 @@ import math
 import os
 import struct
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -408,6 +409,7 @@ def spectrogram_image(x, *, n_fft: int = 512, hop: int = 256, size: int = 224,
 # --------------------------------------------------------------------------------------------
 # The on-disk feature cache: one .npy per clip, keyed by the file's identity and every setting
 
+PROGRESS_S = 5.0   # s between progress lines of a long feature extraction
 CACHE_VERSION = 2   # bump when a feature function changes what it returns (2: banded mel product)
 FEATURES = {"log_mel": log_mel, "spectrogram_image": spectrogram_image}
 # clips per feature call in clip_features (and bench.py's default). log_mel in clips/s, min-time /
@@ -433,8 +435,10 @@ def cache_key(path, kind, settings):
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
-def clip_features(paths, kind, settings, *, sr=SR, cache_dir=None, device="cpu", batch=CLIP_BATCH):
-    """FEATURES[kind](wave, **settings) of every clip, read from the cache where present.
+def clip_features(paths, kind, settings, *, sr=SR, cache_dir=None, device="cpu", batch=CLIP_BATCH,
+                  log=None):
+    """FEATURES[kind](wave, **settings) of every clip, read from the cache where present;
+    log(line), when given, hears the progress and the time left every PROGRESS_S seconds.
     Returns [(..., T_i) tensors], one per clip, on the CPU."""
     out, todo = [None] * len(paths), []
     key = {"sr": sr, **settings}
@@ -444,7 +448,12 @@ def clip_features(paths, kind, settings, *, sr=SR, cache_dir=None, device="cpu",
             out[i] = torch.from_numpy(np.load(hit))
         else:
             todo.append(i)
+    t0 = shown = time.monotonic()
     for start in range(0, len(todo), batch):
+        if log and time.monotonic() - shown > PROGRESS_S:
+            shown, spent = time.monotonic(), time.monotonic() - t0
+            log(f"{kind}: {start} of {len(todo)} clips, about "
+                f"{spent / start * (len(todo) - start):.0f} s left")
         chunk = todo[start:start + batch]
         waves = [load_wav(paths[i], sr=sr) for i in chunk]
         for i, feat in zip(chunk, _batched(FEATURES[kind], waves, settings, device)):

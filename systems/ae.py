@@ -64,7 +64,7 @@ class AE:
         """Stacked-frame vectors of every clip: [(T_i - n_frames + 1, n_mels * n_frames)]."""
         mels = features.clip_features([c.path for c in clips], "log_mel", self.settings,
                                       sr=self.settings["sr"], cache_dir=self.cache_dir,
-                                      device=self.device)
+                                      device=self.device, log=self.log)
         return [features.stack_frames(m, n_frames=self.n_frames) for m in mels]
 
     def fit(self, clips, workdir):

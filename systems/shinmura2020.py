@@ -120,7 +120,7 @@ class Shinmura2020:
         """dB spectrogram images of the clips, (N, size, size)."""
         return torch.stack(features.clip_features(
             [c.path for c in clips], "spectrogram_image", self.settings,
-            cache_dir=self.cache_dir, device=self.device))
+            cache_dir=self.cache_dir, device=self.device, log=self.log))
 
     def normalise(self, images_db):
         x = ((images_db - self.mean) / self.std).unsqueeze(1)          # (B, 1, H, W)

@@ -208,3 +208,12 @@ def test_real_roboticarm_sample_trains_and_scores(tmp_path):
     (section,) = result["sections"]
     assert section["n_normal"] == 29 and section["n_anomaly"] == 28
     assert 0 < result["official_score"] <= 1
+
+
+def test_bench_train_prints_seconds_per_epoch_and_peak_memory(capsys):
+    assert asd.main(["bench", "train", "--system", "ae", "--year", 2023, "--epochs", 3,
+                     "--device", "cpu", "--n-train", 6]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^training +3 epochs: [\d.]+ s/epoch min, [\d.]+ median; [\d.]+ clips/s$",
+                     out, flags=re.M), out
+    assert re.search(r"peak memory \d+ MB \(process resident size\)", out), out
