@@ -177,6 +177,7 @@ def fit_and_save(args, clips, model_dir, about):
     held-out clips' scores, and save a self-describing model folder: model.pt (system,
     options, weights), threshold.json, and model.json (what `score` needs: system, year,
     feature settings, threshold, sections)."""
+    import features
     import train
     device = pick_device(args.device)
     fit_clips, held = data.hold_out(clips, args.threshold_holdout, seed=args.seed)
@@ -184,7 +185,8 @@ def fit_and_save(args, clips, model_dir, about):
           f"recipe) on {device}; {len(held)} clips held out for the threshold")
     cls = systems.get_system(args.system)
     system = cls(**system_options(args, device), log=args.log)
-    check_clips(clips, system, training=True, log=args.log)
+    features.check_clips([c.path for c in clips], min_samples=system.min_samples, training=True,
+                         log=args.log)
     t0 = time.time()
     if "pretrain_clips" in inspect.signature(cls.fit).parameters:
         pool = pretrain_pool(args)
@@ -225,18 +227,6 @@ def fit_and_save(args, clips, model_dir, about):
           f"({args.threshold_quantile:g} quantile of {len(scores)} {source} scores)")
 
 
-def check_clips(clips, system, *, training, log):
-    """Read and check every clip once before any work (a few seconds per thousand clips): a
-    broken, too short or (in training) silent clip stops the run with one line naming it."""
-    import features
-    shown = time.monotonic()
-    for i, clip in enumerate(clips, 1):
-        features.check_clip(clip.path, min_samples=system.min_samples, training=training)
-        if time.monotonic() - shown > 5:
-            log(f"checked {i} of {len(clips)} clips")
-            shown = time.monotonic()
-
-
 def _check_resume(partial, args):
     """An interrupted run (its folder still there) resumes only with the same arguments; with
     other ones, --force starts afresh and anything else is refused."""
@@ -271,6 +261,7 @@ def load_model(model_dir, device, cache_dir):
 
 
 def cmd_test(args):
+    import features
     data.get_year(args.year).sections(args.machine, args.part)
     clips = data.list_clips(data_folder(args), year=args.year, machine=args.machine,
                             split="test")
@@ -287,7 +278,8 @@ def cmd_test(args):
     device = pick_device(args.device)
     system, threshold = load_model(run_dir(args) / "models" / args.machine, device,
                                    None if args.no_cache else args.cache_dir)
-    check_clips(clips, system, training=False, log=args.log)
+    features.check_clips([c.path for c in clips], min_samples=system.min_samples, training=False,
+                         log=args.log)
     scores = system.score(clips)            # every clip scored before anything is written
     # every file of this run is written into a folder of its own first, then renamed into
     # results/: a full disk stops the run before any result appears, never half-way
@@ -490,23 +482,14 @@ def cmd_bench(args):
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--n-train", type=int, default=20, help="training clips per section")
     known, rest = pre.parse_known_args(args.bench_args)
-    argv = ["train", *rest]
-    system, year, quick = phase_one(argv)
-    train_args = build_parser(system, year, quick).parse_args(argv)
+    system, year, quick = phase_one(["train", *rest])
+    train_args = build_parser(system, year, quick).parse_args(["train", *rest])
     train_args.system = system
     start_torch(train_args.seed, train_args.threads)
     device = pick_device(train_args.device)
-    print(f"bench train {system} ({year} recipe) on {device}, {train_args.threads} thread(s)")
-    result = bench.bench_train(systems.get_system(system), system_options(train_args, device),
-                               year=year, n_train=known.n_train)
-    for name in ("pre-training", "training"):
-        if name in result:
-            r = result[name]
-            print(f"{name:13s} {r['epochs']} epochs: {r['s_per_epoch_min']:.2f} s/epoch min, "
-                  f"{r['s_per_epoch_median']:.2f} median; {r['clips_per_s']:.1f} clips/s")
-    print(f"{result['clips']} clips of {result['machine']}; {result['total_s']:.1f} s in all; peak "
-          f"memory {result['peak_memory_mb']:.0f} MB ({result['peak_memory_of']})")
-    return result
+    return bench.report_train(system, year, device, train_args.threads, bench.bench_train(
+        systems.get_system(system), system_options(train_args, device), year=year,
+        n_train=known.n_train))
 
 
 # --------------------------------------------------------------------------------------------

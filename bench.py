@@ -299,6 +299,19 @@ def bench_train(cls, options: dict, *, year: int = 2020, n_train: int = 20) -> d
     return result
 
 
+def report_train(system: str, year: int, device: str, threads: int, result: dict) -> dict:
+    """Print bench_train's result: a line per kind of epoch, then the clips, time and memory."""
+    print(f"bench train {system} ({year} recipe) on {device}, {threads} thread(s)")
+    for name in ("pre-training", "training"):
+        if name in result:
+            r = result[name]
+            print(f"{name:13s} {r['epochs']} epochs: {r['s_per_epoch_min']:.2f} s/epoch min, "
+                  f"{r['s_per_epoch_median']:.2f} median; {r['clips_per_s']:.1f} clips/s")
+    print(f"{result['clips']} clips of {result['machine']}; {result['total_s']:.1f} s in all; "
+          f"peak memory {result['peak_memory_mb']:.0f} MB ({result['peak_memory_of']})")
+    return result
+
+
 def comma_ints(text: str) -> list[int]:
     """'1,2' -> [1, 2], for the flags that take one or more numbers."""
     try:

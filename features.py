@@ -51,6 +51,7 @@ EPS = sys.float_info.epsilon  # 2.2e-16, the baselines' log floor
 # alone (timed outside bench.py), one thread: block 8: 0.28, 12: 0.15, 16: 0.088, 24: 0.14,
 # 32: 0.12, dense: 0.36. MKL's kernels favour outputs 16 columns wide; block 16 does 13% of the
 # dense product's multiplications.
+PROGRESS_S = 5.0  # s between progress lines of a long check or feature extraction
 MEL_BLOCK = 16
 
 MEL_BREAK_HZ = 1000.0  # Hz, Slaney scale: linear below, logarithmic above
@@ -143,6 +144,18 @@ def check_clip(path, *, min_samples: int, training: bool, sr: int = SR) -> None:
     if training and not np.any(x):
         raise AudioError(f"{path}: silent (every sample is 0); a training clip must hold the "
                          f"machine's normal sound: remove it from the training folder")
+
+
+def check_clips(paths, *, min_samples: int, training: bool, log=None, sr: int = SR) -> None:
+    """check_clip on every file, before any work (a few seconds per thousand clips): the first
+    broken one stops the run with one line naming it; log(line) hears progress every
+    PROGRESS_S seconds."""
+    shown = time.monotonic()
+    for i, path in enumerate(paths, 1):
+        check_clip(path, min_samples=min_samples, training=training, sr=sr)
+        if log and time.monotonic() - shown > PROGRESS_S:
+            log(f"checked {i} of {len(paths)} clips")
+            shown = time.monotonic()
 
 
 def _as_signal(x) -> torch.Tensor:
@@ -409,7 +422,6 @@ def spectrogram_image(x, *, n_fft: int = 512, hop: int = 256, size: int = 224,
 # --------------------------------------------------------------------------------------------
 # The on-disk feature cache: one .npy per clip, keyed by the file's identity and every setting
 
-PROGRESS_S = 5.0   # s between progress lines of a long feature extraction
 CACHE_VERSION = 2   # bump when a feature function changes what it returns (2: banded mel product)
 FEATURES = {"log_mel": log_mel, "spectrogram_image": spectrogram_image}
 # clips per feature call in clip_features (and bench.py's default). log_mel in clips/s, min-time /
