@@ -494,8 +494,9 @@ def write_json(path, obj):
 
 
 # --------------------------------------------------------------------------------------------
-# Folders asd builds (model folders, result sets): built beside the old one, swapped in whole,
-# and removed only as far as asd's own marker says asd wrote them.
+# Model folders: built beside the old one, swapped in whole, and removed only as far as
+# asd's own marker says asd wrote them. (A test run stages its result files in a folder of
+# its own; a submission folder holds no marker, so the organisers receive only their files.)
 
 MARKER = ".asd"   # JSON in every folder asd builds: {"written_by": ..., "files": [...]}
 

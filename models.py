@@ -6,8 +6,6 @@ passes.
 Families: AE (the official DCASE baseline, 2020-2025); MobileNetV2 (Sandler et al. 2018, as
 torchvision lays it out, with a 1-channel input); then the losses: ArcFace (Deng et al. 2019).
 """
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn

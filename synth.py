@@ -12,7 +12,6 @@ Not modelled: reverberation, microphone colouring, the real machines' spectra. T
 data set where a working detector must score near 1 and a broken one near 0.5.
 """
 import zlib
-from pathlib import Path
 
 import numpy as np
 import soundfile as sf

@@ -11,7 +11,6 @@ import json
 import re
 import threading
 import zipfile
-from pathlib import Path
 
 import pytest
 
