@@ -8,6 +8,7 @@ Four implementations take turns within each repeat (paired runs, the order rotat
     librosa.filters.mel product, the baselines' log; the fair reference;
   - librosa.feature.melspectrogram as the DCASE baselines call it, clip by clip; it rebuilds
     the filterbank on every call.
+Each timed run makes --passes passes over the clips (a run over many clips in a row).
 Each figure is the min and the median over the repeats: the min is the run least disturbed by
 other processes, the median what a busy machine gives. `--stages` times every step of ours and
 of the plain path (pad, frame, rfft, power, mel product, log), so each optimisation in log_mel
@@ -31,6 +32,10 @@ import features as F
 SYNTH_SECONDS = 10.0  # s, length of a synthesised clip (DCASE clips last 6-12 s)
 DEFAULT_BATCH = F.CLIP_BATCH  # clips per log_mel call, chosen from this bench's figures (features.py)
 SETTLE_S = 0.3  # s of pause before each timed call: BLAS and OpenMP workers spin ~0.1 s after use
+# passes over the clips per timed run: a real run extracts a machine type's ~1000 clips in a
+# row; one pass over the 28 real clips lasts ~30 ms, too short to time a steady state after the
+# pause (the first batches pay for cold caches and fresh memory pages, librosa's as well as ours)
+DEFAULT_PASSES = 4
 
 
 def synth_clips(n: int, *, seconds: float = SYNTH_SECONDS, seed: int = 0) -> list[np.ndarray]:
@@ -193,12 +198,13 @@ def bench_stages(clips: list[np.ndarray], settings: dict, groups: list[list[int]
 
 
 def bench_features(clips: list[np.ndarray], *, repeats: int = 5, batches=(DEFAULT_BATCH,),
-                   year: int = 2023, stages: bool = False) -> dict:
+                   year: int = 2023, stages: bool = False, passes: int = DEFAULT_PASSES) -> dict:
     """Time our log-mel against librosa's on the same clips, at the threads set now.
 
-    Returns the settings and one row per implementation: seconds per run over all clips (one
-    per repeat), and the max |dB| difference of its output from librosa.feature.melspectrogram's.
-    With `stages`, also bench_stages' figures at the first batch size.
+    Returns the settings and one row per implementation: seconds per run of `passes` passes
+    over all clips (one per repeat), and the max |dB| difference of its output from
+    librosa.feature.melspectrogram's. With `stages`, also bench_stages' figures at the first
+    batch size.
     """
     import librosa
 
@@ -217,9 +223,11 @@ def bench_features(clips: list[np.ndarray], *, repeats: int = 5, batches=(DEFAUL
     reference = fns["librosa melspectrogram (baselines)"]()
     rows = [dict(name=name, seconds=seconds,
                  max_abs_db_diff=float(max(np.abs(o - r).max() for o, r in zip(fns[name](), reference))))
-            for name, seconds in paired_times(fns, repeats).items()]
+            for name, seconds in paired_times({name: lambda fn=fn: [fn() for _ in range(passes)]
+                                                for name, fn in fns.items()}, repeats).items()]
     steps = bench_stages(clips, settings, groups[batches[0]], repeats) if stages else None
     return dict(clips=len(clips), audio_s=sum(len(c) for c in clips) / F.SR, year=year, repeats=repeats,
+                passes=passes,
                 threads=torch.get_num_threads(), torch=torch.__version__, librosa=librosa.__version__,
                 rows=rows, stages=steps)
 
@@ -232,13 +240,14 @@ def print_table(result: dict) -> None:
     lib = {name: (min(rows[name]["seconds"]), np.median(rows[name]["seconds"])) for name in librosa_rows}
     print(f"{result['clips']} clips, {result['audio_s']:.0f} s of audio; torch {result['torch']}, "
           f"librosa {result['librosa']}, {result['threads']} threads, log-mel settings of "
-          f"{result['year']}, {result['repeats']} paired repeats")
+          f"{result['year']}, {result['repeats']} paired repeats of {result['passes']} passes")
     print(f"{'implementation':36s} {'clips/s min-time':>16s} {'median':>7s} {'x melspectrogram':>17s} "
           f"{'x librosa once':>15s} {'max |dB diff|':>13s}")
     for name, row in rows.items():
         best, median = min(row["seconds"]), np.median(row["seconds"])
         ratios = [f"{lib[r][0] / best:.2f} / {lib[r][1] / median:.2f}" for r in librosa_rows]
-        print(f"{name:36s} {result['clips'] / best:16.1f} {result['clips'] / median:7.1f} "
+        clips = result["clips"] * result["passes"]  # extracted per timed run
+        print(f"{name:36s} {clips / best:16.1f} {clips / median:7.1f} "
               f"{ratios[0]:>17s} {ratios[1]:>15s} {row['max_abs_db_diff']:13.1e}")
     if result["stages"]:
         print("ms per clip of each step, min / median over the repeats:")
@@ -340,11 +349,14 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--threads", type=comma_ints, default=[0],
                         help="torch intra-op and numpy BLAS threads, or several (1,2) to measure each in "
                              "turn; 0 keeps the defaults of one per core (default: 0)")
+    parser.add_argument("--passes", type=int, default=DEFAULT_PASSES,
+                        help="passes over the clips per timed run, as a run over many clips does; 1 "
+                             f"times one cold pass (default: {DEFAULT_PASSES})")
     parser.add_argument("--stages", action="store_true",
                         help="also time each step of ours and of the plain path (default: off)")
     args = parser.parse_args(argv)
-    if 0 in args.batch or args.repeats < 1:
-        parser.error("--batch sizes and --repeats must be positive")
+    if 0 in args.batch or args.repeats < 1 or args.passes < 1:
+        parser.error("--batch sizes, --repeats and --passes must be positive")
     folder = Path(args.clips)
     if folder.is_dir():
         paths = sorted(folder.rglob("*.wav"))
@@ -360,7 +372,7 @@ def main(argv=None) -> list[dict]:
     for threads in args.threads:
         set_threads(threads)
         results.append(bench_features(clips, repeats=args.repeats, batches=args.batch, year=args.year,
-                                      stages=args.stages))
+                                      stages=args.stages, passes=args.passes))
         print_table(results[-1])
     return results
 

@@ -125,6 +125,21 @@ def test_stft_equals_librosa(pad_mode, n_fft, hop, n_samples):
     assert err < 1e-4, f"max |ours - librosa| / max |librosa| = {err:.2e}"
 
 
+@pytest.mark.parametrize("pad_mode", ["constant", "reflect"])
+def test_edge_only_padding_equals_padding_the_whole_signal(pad_mode):
+    # stft pads only the signal's ends (_centred_frames); the frames must be those of the
+    # fully padded signal bit for bit, for every hop/n_fft relation and for signals of a
+    # few frames, where head and tail meet or no frame lies inside the signal
+    for n_fft, hop in [(1024, 512), (512, 128), (255, 100), (64, 64), (64, 100), (16, 3)]:
+        window = F._hann(n_fft, dtype=torch.float32, device=torch.device("cpu"))
+        for n in (n_fft // 2 + 1, n_fft - 1, n_fft, n_fft + 1, 2 * n_fft, 3 * n_fft + 7, 5000):
+            x = torch.from_numpy(np.random.default_rng(n).standard_normal((2, n)).astype(np.float32))
+            padded = torch.nn.functional.pad(x[:, None], (n_fft // 2, n_fft // 2), mode=pad_mode)[:, 0]
+            plain = padded.unfold(-1, n_fft, hop) * window  # (2, T, n_fft)
+            ours = F._centred_frames(x, n_fft=n_fft, hop=hop, pad_mode=pad_mode, window=window)
+            assert torch.equal(ours, plain), (n_fft, hop, n)
+
+
 def test_stft_batches_over_leading_dims():
     x = torch.randn(2, 3, 4000)
     batched = F.stft(x, n_fft=512, hop=256)  # (2, 3, 257, T)
