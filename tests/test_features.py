@@ -332,3 +332,13 @@ def test_load_wav_errors_name_the_file(tmp_path, make, words):
     assert words in message
     assert "\n" not in message
 
+
+
+def test_bench_features_agrees_with_librosa_and_its_stages_with_log_mel():
+    # bench.py raises when its step-by-step copy of log_mel stops computing what log_mel does
+    import bench
+
+    result, = bench.main(["--clips", "2", "--repeats", "1", "--passes", "1", "--stages", "--threads", "1"])
+    rows = {row["name"]: row for row in result["rows"]}
+    assert rows["ours, batch 4"]["max_abs_db_diff"] < 1e-3
+    assert set(result["stages"]["ours"]) == set(result["stages"]["ours, plain"]) - {"pad"}
