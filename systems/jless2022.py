@@ -20,7 +20,8 @@ Our choices where the report is silent, each said where it is made: the training
 (Adam, lr 1e-3, batches of 32, 20 epochs), a patch every 32 frames, a quarter of each batch
 from the target domain, mixup's alpha 0.2, one of the recipe's augmentations per batch,
 ArcFace's s 64 and m 0.5 and focal gamma 2 (their papers' values), the DPT's sizes, how the
-log-softmax and the MSE are combined, and the classes where a machine type has one section.
+log-softmax and the MSE are combined, and the classes and recipe where a machine type has one
+section (OTHER, OTHER_ONE_CLASS).
 """
 import argparse
 
@@ -44,8 +45,11 @@ RECIPES = {
     "valve":    dict(feature="logmel", model="mfn", loss="arcface", augment=("mixup",),         detector="lof"),
 }
 # machine types outside table 3 (2023+ sets, your own machine): fan's and ToyTrain's column,
-# the table's commonest model, loss, augmentation and detector
-OTHER = "fan"
+# the table's commonest model, loss, augmentation and detector; or, where the clips give one
+# class (one section, one attribute string), bearing's: the DPT, whose masked reconstruction
+# learns without a second class (MobileFaceNet's ID loss is 0 for one class and teaches it
+# nothing; each clip its own class, tried on the real RoboticArm sample, scored below chance)
+OTHER, OTHER_ONE_CLASS = "fan", "bearing"
 CHOICES = dict(feature=("stft", "logmel"), model=("mfn", "dpt"), loss=("arcface", "focal"),
                augment=("mixup", "fmix", "none"),
                detector=("lof", "cosine", "log-softmax", "log-softmax+mse"))
@@ -108,8 +112,8 @@ class Jless2022:
                                 "auto: table 3")
         choice("detector", "anomaly detector on the clip embeddings")
         group.add_argument("--classes", default="auto", choices=CLASSES,
-                           help="training classes; auto: sections, else attribute strings, "
-                                "else each clip its own (one-section sets, not in the report)")
+                           help="training classes; auto: sections, else attribute strings "
+                                "(one-section sets, not in the report); clip: each clip its own")
         group.add_argument("--batch-mixing", action=argparse.BooleanOptionalAction, default=True,
                            help="source and target clips in every batch (2.1)")
         group.add_argument("--dpt-tile", type=int, nargs=2, default=[8, 8],
@@ -153,15 +157,19 @@ class Jless2022:
         self.mask_ratio = mask_ratio
         self.recipe = None           # resolved in fit() from the machine type (table 3)
 
-    def resolve(self, machine):
-        """The recipe for a machine type: table 3's column (OTHER outside it), where the flags
-        say auto."""
-        table = RECIPES.get(machine, RECIPES[OTHER])
+    def resolve(self, machine, n_classes=2):
+        """The recipe for a machine type: table 3's column (outside it OTHER, or
+        OTHER_ONE_CLASS for one class), where the flags say auto."""
+        table = RECIPES.get(machine, RECIPES[OTHER if n_classes >= 2 else OTHER_ONE_CLASS])
         recipe = {k: table[k] if v in ("auto", ("auto",)) else v for k, v in self.asked.items()}
         recipe["augment"] = tuple(a for a in recipe["augment"] if a != "none")
         if recipe["detector"] == "log-softmax+mse" and recipe["model"] != "dpt":
             raise ValueError("--detector log-softmax+mse needs --model dpt (the MSE is the "
                              "DPT's reconstruction error)")
+        if n_classes < 2 and recipe["model"] == "mfn":
+            raise ValueError(f"{machine}: the training clips give one class (section and "
+                             f"attributes); MobileFaceNet learns from two or more: use "
+                             f"--model dpt or --classes clip")
         return recipe
 
     @property
@@ -190,7 +198,7 @@ class Jless2022:
         by = self.classes_from
         if by == "auto":
             by = next((b for b in ("section", "attribute")
-                       if len({self._key(c, b) for c in clips}) >= 2), "clip")
+                       if len({self._key(c, b) for c in clips}) >= 2), "section")
         self.log(f"classes: {by}s ({len({self._key(c, by) for c in clips})})")
         return [self._key(c, by) for c in clips]
 
@@ -217,11 +225,11 @@ class Jless2022:
         self.net.to(self.device), self.head.to(self.device)
 
     def fit(self, clips, workdir):
-        self.recipe = self.resolve(clips[0].machine)
-        self.log(f"recipe for {clips[0].machine}: " + ", ".join(
-            f"{k} {'+'.join(v) if isinstance(v, tuple) else v}" for k, v in self.recipe.items()))
         keys = self.class_keys(clips)
         self.classes = sorted(set(keys))
+        self.recipe = self.resolve(clips[0].machine, len(self.classes))
+        self.log(f"recipe for {clips[0].machine}: " + ", ".join(
+            f"{k} {'+'.join(v) if isinstance(v, tuple) else v}" for k, v in self.recipe.items()))
         self.mean, self.std = 0.0, 1.0
         x, owner = self.patches(clips)
         self.mean, self.std = float(x.mean()), float(x.std())
@@ -329,7 +337,7 @@ class Jless2022:
                 scores[rows] = d.train_scores().cpu()
             else:
                 lsm = self._log_softmax(s, [logits[i] for i in rows])
-                self.norms[s] = [(float(v.mean()), float(v.std()) + 1e-12) for v in (lsm, mse[rows])]
+                self.norms[s] = [float(v.std()) + 1e-12 for v in (lsm, mse[rows])]
                 scores[rows] = self._combine(s, lsm, mse[rows])
         self._train_scores = scores.numpy()
 
@@ -342,12 +350,11 @@ class Jless2022:
             for lg in logits])                                             # (P, n_own) -> ()
 
     def _combine(self, section, lsm, mse):
-        """log-softmax, or log-softmax & MSE (DPT): each standardised by the section's
-        training clips, then summed, so that neither scale outweighs the other (our choice)."""
-        (m1, s1), (m2, s2) = self.norms[section]
-        if self.recipe["detector"] == "log-softmax":
-            return lsm
-        return (lsm - m1) / s1 + (mse - m2) / s2
+        """log-softmax, or log-softmax & MSE (DPT): each divided by its standard deviation over
+        the section's training clips, then summed, so that neither scale outweighs the other
+        (our choice; the report does not say). Both terms stay positive."""
+        s1, s2 = self.norms[section]
+        return lsm if self.recipe["detector"] == "log-softmax" else lsm / s1 + mse / s2
 
     def score(self, clips):
         unknown = sorted({c.section for c in clips} - set(self.sections))
