@@ -110,3 +110,38 @@ def mixup(x, gen, rng, *, alpha):
     lam = float(rng.beta(alpha, alpha))
     perm = torch.randperm(len(x), generator=gen, device=gen.device)
     return lam * x + (1 - lam) * x[perm], perm, lam
+
+
+# --------------------------------------------------------------------------------------------
+# FMix (Harris et al., "FMix: Enhancing Mixed Sample Data Augmentation", 2020; JLESS eq. 3)
+#
+# A binary mask cut from low-frequency noise: complex Gaussian noise over the 2-D Fourier
+# grid, each component scaled by 1 / max(|f|, 1 / max(H, W)) ** decay, back to a real image by
+# the inverse rFFT; its round(lam * H * W) largest values become 1, the rest 0. As the
+# reference code (ecs-vlc/FMix): decay 3, lam ~ Beta(alpha, alpha) with alpha 1, one mask per
+# batch, the loss mixed by lam. Here lam is the mask's exact share of ones.
+
+def fmix_mask(shape, lam, gen, *, decay=3.0):
+    """A binary (H, W) mask of round(lam * H * W) ones in low-frequency blobs, drawn on the
+    generator's device. Returns a float tensor of 0s and 1s."""
+    h, w = shape
+    fy = torch.fft.fftfreq(h, device=gen.device)[:, None]                  # (H, 1) cycles/px
+    fx = torch.fft.rfftfreq(w, device=gen.device)[None, :]                 # (1, W // 2 + 1)
+    freq = torch.sqrt(fx ** 2 + fy ** 2).clamp(min=1.0 / max(h, w))
+    noise = torch.randn((2, *freq.shape), generator=gen, device=gen.device)
+    spectrum = torch.complex(noise[0], noise[1]) / freq ** decay
+    grey = torch.fft.irfftn(spectrum, s=(h, w))                             # (H, W) real
+    n_ones = int(round(lam * h * w))
+    mask = torch.zeros(h * w, device=gen.device)
+    mask[torch.argsort(grey.flatten(), descending=True)[:n_ones]] = 1.0
+    return mask.reshape(h, w)
+
+
+def fmix(x, gen, rng, *, alpha=1.0, decay=3.0):
+    """Mix each example with another of the same batch through one FMix mask:
+    mask * x + (1 - mask) * x[perm] (eq. 3), lam ~ Beta(alpha, alpha) from rng, perm from gen.
+    x: (B, ..., H, W). Returns (mixed x, perm (B,), lam: the mask's share of ones); the loss
+    is mixed as for mixup: lam * loss(y) + (1 - lam) * loss(y[perm])."""
+    mask = fmix_mask(x.shape[-2:], float(rng.beta(alpha, alpha)), gen, decay=decay).to(x.dtype)
+    perm = torch.randperm(len(x), generator=gen, device=gen.device)
+    return mask * x + (1 - mask) * x[perm], perm, float(mask.mean())

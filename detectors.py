@@ -6,8 +6,10 @@ Detectors know nothing of labels, metrics or the systems that call them.
   leave-one-out form for the training embeddings themselves.
 - Mahalanobis: the 2023+ DCASE autoencoder baseline's score on reconstruction errors.
 
-LOF, k-means and cosine to the mean join with the 2022 and 2024 systems. Each is checked in
-tests/test_detectors.py against scikit-learn or scipy on the same data.
+- LOF, CosineToMean, log_softmax_score: JLESS 2022's three detectors (section 2.4).
+
+k-means joins with the 2024 system. Each is checked against scikit-learn, scipy or a
+hand-worked case on the same data (tests/test_detectors.py, tests/test_jless2022.py).
 """
 import numpy as np
 import torch
@@ -81,3 +83,97 @@ class Mahalanobis:
     def load_state(self, state, device="cpu"):
         self.inv_cov = {k: v.to(device) for k, v in state["inv_cov"].items()}
         return self
+
+
+# --------------------------------------------------------------------------------------------
+# Local outlier factor (Breunig et al. 2000), scikit-learn's LocalOutlierFactor(novelty=True)
+#
+# k = min(n_neighbors, N - 1) nearest training points by Euclidean distance (a training point
+# is not its own neighbour; its duplicates are, at distance 0). reach-dist(a, o) = max(d(a, o),
+# k-distance(o)); lrd(a) = 1 / (mean reach-dist to a's k neighbours + 1e-10), the 1e-10 as
+# scikit-learn has it, so that k duplicates give a large finite density; the score of x is the
+# mean over its neighbours o of lrd(o) / lrd(x): scikit-learn's -score_samples(x). Distances
+# are differences, not the |a|^2 + |b|^2 - 2ab expansion, so a duplicate is exactly 0 away.
+
+class LOF:
+    def __init__(self, n_neighbors=4):
+        self.n_neighbors = n_neighbors
+
+    def _neighbours(self, x, exclude_self=False):
+        """Distances (M, k) and indices (M, k) of x's k nearest training points, nearest first."""
+        d = torch.cdist(x, self.train, compute_mode="donot_use_mm_for_euclid_dist")   # (M, N)
+        if exclude_self:
+            d.fill_diagonal_(float("inf"))
+        return torch.topk(d, self.k, dim=1, largest=False)
+
+    def _lrd(self, dist, idx):
+        """Local reachability density from neighbour distances and indices, (M,)."""
+        reach = torch.maximum(dist, self.k_distance[idx])                   # (M, k)
+        return 1.0 / (reach.mean(dim=1) + 1e-10)
+
+    def fit(self, train):
+        """train: (N, D) embeddings, N >= 2; computed in float64."""
+        self.train = train.double()
+        if len(train) < 2:
+            raise ValueError(f"LOF needs at least 2 training embeddings, got {len(train)}")
+        self.k = min(self.n_neighbors, len(train) - 1)
+        dist, idx = self._neighbours(self.train, exclude_self=True)
+        self.k_distance = dist[:, -1]                                       # (N,)
+        self.lrd = self._lrd(dist, idx)                                     # (N,)
+        self._train_scores = (self.lrd[idx] / self.lrd[:, None]).mean(dim=1)
+        return self
+
+    def score(self, x):
+        """x: (M, D). Returns (M,) float64 tensor, the local outlier factor (about 1: normal)."""
+        dist, idx = self._neighbours(x.double())
+        return (self.lrd[idx] / self._lrd(dist, idx)[:, None]).mean(dim=1)
+
+    def train_scores(self):
+        """The training points' own factors, each without itself (-negative_outlier_factor_)."""
+        return self._train_scores
+
+    def state(self):
+        return {"train": self.train, "n_neighbors": self.n_neighbors}
+
+    def load_state(self, state):
+        self.n_neighbors = state["n_neighbors"]
+        return self.fit(state["train"])
+
+
+# --------------------------------------------------------------------------------------------
+# Cosine distance to the mean training embedding (JLESS 2022, section 2.4)
+
+class CosineToMean:
+    """score(x) = 1 - cos(x, mean of the training embeddings)."""
+
+    def fit(self, train):
+        """train: (N, D) embeddings."""
+        self.mean = train.mean(dim=0)                                       # (D,)
+        self._train_scores = self.score(train)
+        return self
+
+    def score(self, x):
+        """x: (M, D). Returns (M,) float64 tensor."""
+        return (1.0 - F.cosine_similarity(x, self.mean[None], dim=1)).double()
+
+    def train_scores(self):
+        """In-sample (a training embedding is not the mean, so none of these is 0)."""
+        return self._train_scores
+
+    def state(self):
+        return {"mean": self.mean}
+
+    def load_state(self, state):
+        self.mean = state["mean"]
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Log-softmax (JLESS 2022, section 2.4; the DCASE 2021-2022 MobileNetV2 baseline's idea)
+
+def log_softmax_score(logits, classes):
+    """The negative log-softmax of the expected class: -log p(class | x), large when the
+    network does not recognise the section it was told. logits (..., C), classes (...) int64.
+    Returns (...) float64; nothing to fit."""
+    log_p = F.log_softmax(logits.double(), dim=-1)
+    return -log_p.gather(-1, classes[..., None])[..., 0]

@@ -16,7 +16,8 @@ year's settings, below 1e-3 dB: 4e-5 dB on noise plus tones, 1.5e-4 dB on the re
 dev clips, 6e-4 dB on the quieter DCASE 2024 RoboticArm clips. Float32 rounding grows in dB
 as a band nears digital silence, so quiet bands dominate these figures.
 
-Also each system's deterministic input representation (Shinmura's spectrogram images) and the
+Also each system's deterministic input representation (Shinmura's spectrogram images, JLESS's
+log-power spectrogram) and the
 on-disk feature cache every system reads its inputs through (`clip_features`).
 
 Left out: resampling and down-mixing (a wrong rate or channel count is an error, not a
@@ -457,10 +458,26 @@ def spectrogram_image(x, *, n_fft: int = 512, hop: int = 256, size: int = 224,
 
 
 # --------------------------------------------------------------------------------------------
+# Log-power spectrogram (JLESS 2022, section 3.2: the STFT input of their MobileFaceNet): the
+# STFT power in dB as log_mel computes it, without the mel filters, the lowest n_bins bins kept
+# (512 of the 513 of a 1024-point FFT: the Nyquist bin is dropped so that patches are 512 high).
+
+def log_spectrogram(x, *, n_fft: int, hop: int, n_bins: int, pad_mode: str = "constant") -> torch.Tensor:
+    """10 * log10(max(|STFT|^2, eps)) of the lowest n_bins bins. x: (..., n_samples).
+    Returns (..., n_bins, n_frames)."""
+    if not 0 < n_bins <= n_fft // 2 + 1:
+        raise ValueError(f"n_bins {n_bins}: must be between 1 and {n_fft // 2 + 1} (n_fft {n_fft})")
+    spec = stft(x, n_fft=n_fft, hop=hop, center=True, pad_mode=pad_mode)[..., :n_bins, :]
+    power = spec.real.square() + spec.imag.square()                       # (..., n_bins, T)
+    return 10.0 * torch.log10(power.clamp(min=EPS))                        # (..., n_bins, T)
+
+
+# --------------------------------------------------------------------------------------------
 # The on-disk feature cache: one .npy per clip, keyed by the file's identity and every setting
 
 CACHE_VERSION = 2   # bump when a feature function changes what it returns (2: banded mel product)
-FEATURES = {"log_mel": log_mel, "spectrogram_image": spectrogram_image}
+FEATURES = {"log_mel": log_mel, "spectrogram_image": spectrogram_image,
+            "log_spectrogram": log_spectrogram}
 # clips per feature call in clip_features (and bench.py's default). log_mel in clips/s, min-time /
 # median of 7 paired runs, 2 shared CPU cores (python bench.py --clips <folder> --threads 1 (or 2)
 # --batch 4,1,2,8,16,32,64 --repeats 7):

@@ -47,6 +47,8 @@ SYSTEMS = {
            "official DCASE autoencoder baseline (dense AE on 5 log-mel frames)"),
     "shinmura2020": ("shinmura2020", "Shinmura2020",
                      "Shinmura 2020: self-supervised MobileNetV2 + ArcFace, generated anomalies"),
+    "jless2022": ("jless2022", "Jless2022",
+                  "JLESS 2022: batch mixing, MobileFaceNet/DPT on section IDs, LOF/cosine/log-softmax"),
 }
 
 # keyword-only parameters every system's __init__ takes; the others are its own options
