@@ -17,10 +17,10 @@ dev clips, 6e-4 dB on the quieter DCASE 2024 RoboticArm clips. Float32 rounding 
 as a band nears digital silence, so quiet bands dominate these figures.
 
 Also each system's deterministic input representation (Shinmura's spectrogram images, JLESS's
-log-power spectrogram) and the
-on-disk feature cache every system reads its inputs through (`clip_features`).
+log-power spectrogram; PANNs' 32 kHz log-mel for Narita 2021, the one place that resamples, on
+purpose) and the on-disk feature cache every system reads its inputs through (`clip_features`).
 
-Left out: resampling and down-mixing (a wrong rate or channel count is an error, not a
+Left out: resampling files and down-mixing (a wrong rate or channel count is an error, not a
 silent fix), other windows than Hann, and data augmentation (augment.py: anything random).
 """
 
@@ -36,6 +36,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import scipy.signal
 import soundfile as sf
 import torch
 
@@ -473,11 +474,48 @@ def log_spectrogram(x, *, n_fft: int, hop: int, n_bins: int, pad_mode: str = "co
 
 
 # --------------------------------------------------------------------------------------------
+# PANNs' log-mel at 32 kHz (Kong et al. 2020; Narita & Tamamori 2021, section 2.3 and table 2):
+# the 16 kHz clip resampled to 32 kHz, then the log-mel of PANNs' front end (torchlibrosa's
+# Spectrogram and LogmelFilterBank as PANNs builds them: periodic Hann, centre padding by
+# reflection, power 2, librosa's Slaney mel filters from 50 to 14000 Hz, 10 * log10(max(S,
+# amin)) with ref 1, amin 1e-10 and no top_db). Resampling is scipy's polyphase filter;
+# PANNs itself read its training audio at 32 kHz with librosa (resampy), which differs in the
+# anti-aliasing filter only.
+
+PANNS_SR = 32000      # Hz, the rate PANNs' AudioSet models were trained at
+PANNS_LOG_MEL = dict(sr=PANNS_SR, n_fft=1024, hop=320, n_mels=64, fmin=50.0, fmax=14000.0,
+                     pad_mode="reflect")    # table 2: 32 ms window, 10 ms hop at 32 kHz
+PANNS_AMIN = 1e-10    # power floor of PANNs' power_to_db (-100 dB)
+
+
+def resample(x, *, sr_in: int, sr_out: int) -> torch.Tensor:
+    """x: (..., n) at sr_in Hz -> (..., n * sr_out / sr_in) at sr_out Hz, by
+    scipy.signal.resample_poly (polyphase, Kaiser-windowed low-pass), on x's device and dtype."""
+    x = _as_signal(x)
+    g = math.gcd(sr_in, sr_out)
+    y = scipy.signal.resample_poly(x.cpu().numpy(), sr_out // g, sr_in // g, axis=-1)
+    return torch.from_numpy(y).to(dtype=x.dtype, device=x.device)  # (..., n * sr_out / sr_in)
+
+
+def panns_log_mel(x, *, sr_in: int = SR, sr: int = PANNS_SR, n_fft: int = 1024, hop: int = 320,
+                  n_mels: int = 64, fmin: float = 50.0, fmax: float = 14000.0,
+                  pad_mode: str = "reflect", amin: float = PANNS_AMIN) -> torch.Tensor:
+    """PANNs' input: x (..., n_samples) at sr_in Hz resampled to sr, then 10 * log10(max(mel
+    power, amin)) dB (ref 1, no top_db). Returns (..., n_mels, n_frames)."""
+    if sr != sr_in:
+        x = resample(x, sr_in=sr_in, sr_out=sr)
+    db = log_mel(x, sr=sr, n_fft=n_fft, hop=hop, n_mels=n_mels, power=2.0, pad_mode=pad_mode,
+                 floor="clip", fmin=fmin, fmax=fmax)     # 10 * log10(max(S, 2.2e-16))
+    # log10 is monotonic, so flooring the dB at 10 * log10(amin) is flooring the power at amin
+    return db.clamp_(min=10.0 * math.log10(amin))       # (..., n_mels, T)
+
+
+# --------------------------------------------------------------------------------------------
 # The on-disk feature cache: one .npy per clip, keyed by the file's identity and every setting
 
 CACHE_VERSION = 2   # bump when a feature function changes what it returns (2: banded mel product)
 FEATURES = {"log_mel": log_mel, "spectrogram_image": spectrogram_image,
-            "log_spectrogram": log_spectrogram}
+            "log_spectrogram": log_spectrogram, "panns_log_mel": panns_log_mel}
 # clips per feature call in clip_features (and bench.py's default). log_mel in clips/s, min-time /
 # median of 7 paired runs, 2 shared CPU cores (python bench.py --clips <folder> --threads 1 (or 2)
 # --batch 4,1,2,8,16,32,64 --repeats 7):

@@ -4,7 +4,9 @@ and the systems, thresholds in scoring.py; this file holds only `nn.Module`s and
 passes.
 
 Families: AE (the official DCASE baseline, 2020-2025); MobileNetV2 (Sandler et al. 2018, as
-torchvision lays it out, with a 1-channel input); then the losses: ArcFace (Deng et al. 2019).
+torchvision lays it out, with a 1-channel input); ResNet38 (PANNs, Kong et al. 2020) with its
+checkpoint loader; the VAE of Narita & Tamamori 2021; then the losses: ArcFace (Deng et al.
+2019), the VAE's terms and the center loss (Wen et al. 2016).
 """
 import torch
 import torch.nn.functional as F
@@ -102,6 +104,192 @@ class MobileNetV2(nn.Module):
 
     def forward(self, x):
         return self.features(x).mean(dim=(-2, -1))   # (B, embedding_dim), global average pool
+
+
+# --------------------------------------------------------------------------------------------
+# ResNet38 (Kong et al., "PANNs: Large-Scale Pretrained Audio Neural Networks for Audio Pattern
+# Recognition", 2020; qiuqiangkong/audioset_tagging_cnn, pytorch/models.py)
+#
+# Written so that its state_dict has exactly the key names and shapes of the PANNs checkpoint
+# ResNet38_mAP=0.434.pth (its "model" entry), which load_panns_checkpoint reads. The layer
+# table: BatchNorm over the 64 mel bins (bn0); a ConvBlock of 64 channels ((3x3 conv, BN, ReLU)
+# x 2, 2x2 average pooling); a ResNet of BasicBlocks, [3, 4, 6, 3] blocks of 64, 128, 256, 512
+# channels, each stage after the first starting with 2x2 average pooling (in the block and in
+# its 1x1-conv shortcut); 2x2 average pooling; a ConvBlock of 2048 channels without pooling;
+# then the AudioSet head (fc1, fc_audioset), loaded but unused here.
+# Inference only: PANNs' dropout and SpecAugment act in training alone and are left out, and
+# the front end (torchlibrosa's STFT convolutions and mel matrix, in the checkpoint as
+# spectrogram_extractor.* and logmel_extractor.melW) is held as buffers under its own names so
+# that the keys match, but not used: features.panns_log_mel computes the same log-mel and is
+# tested against librosa.
+
+RESNET38_LAYERS = [(64, 3), (128, 4), (256, 6), (512, 3)]   # (channels, BasicBlocks) per stage
+PANNS_CLASSES = 527      # AudioSet classes of the checkpoint's head
+
+
+class PannsConvBlock(nn.Module):
+    """(3x3 conv, BatchNorm, ReLU) x 2, then average pooling (PANNs' ConvBlock)."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.conv1 = nn.Conv2d(n_in, n_out, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(n_out, n_out, 3, padding=1, bias=False)
+        self.bn1, self.bn2 = nn.BatchNorm2d(n_out), nn.BatchNorm2d(n_out)
+
+    def forward(self, x, pool=2):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return F.avg_pool2d(x, pool) if pool > 1 else x
+
+
+class BasicBlock(nn.Module):
+    """PANNs' _ResnetBasicBlock: [2x2 average pooling when stride 2], 3x3 conv, BN, ReLU, 3x3
+    conv, BN, plus the shortcut (pooled and 1x1-projected where the shape changes), ReLU."""
+
+    def __init__(self, n_in, n_out, stride):
+        super().__init__()
+        self.stride = stride
+        self.conv1 = nn.Conv2d(n_in, n_out, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(n_out)
+        self.conv2 = nn.Conv2d(n_out, n_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(n_out)
+        self.downsample = None
+        if stride == 2:              # keys downsample.1 (conv) and downsample.2 (BN)
+            self.downsample = nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(n_in, n_out, 1, bias=False),
+                                            nn.BatchNorm2d(n_out))
+        elif n_in != n_out:
+            self.downsample = nn.Sequential(nn.Conv2d(n_in, n_out, 1, bias=False),
+                                            nn.BatchNorm2d(n_out))
+
+    def forward(self, x):
+        out = F.avg_pool2d(x, 2) if self.stride == 2 else x
+        out = F.relu(self.bn1(self.conv1(out)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + shortcut)
+
+
+def _holder(**buffers):
+    """A module that only holds named buffers: the checkpoint's unused front-end tensors."""
+    module = nn.Module()
+    for name, shape in buffers.items():
+        module.register_buffer(name, torch.zeros(shape))
+    return module
+
+
+class ResNet38(nn.Module):
+    """PANNs' ResNet38. forward: (B, 64, T) log-mel (features.panns_log_mel) -> the output of
+    every convolutional block, in order: the first ConvBlock, the 16 BasicBlocks, the last
+    ConvBlock; each (B, C_i, T_i, 8 ... 1). T must be 32 frames or more (five halvings)."""
+
+    def __init__(self, *, n_mels=64, n_fft=1024, hop=320, n_classes=PANNS_CLASSES):
+        super().__init__()
+        n_bins = n_fft // 2 + 1
+        self.spectrogram_extractor = nn.Module()
+        self.spectrogram_extractor.stft = nn.Module()
+        self.spectrogram_extractor.stft.conv_real = _holder(weight=(n_bins, 1, n_fft))
+        self.spectrogram_extractor.stft.conv_imag = _holder(weight=(n_bins, 1, n_fft))
+        self.logmel_extractor = _holder(melW=(n_bins, n_mels))
+        self.bn0 = nn.BatchNorm2d(n_mels)
+        self.conv_block1 = PannsConvBlock(1, 64)
+        self.resnet = nn.Module()
+        n_in = 64
+        for i, (n_out, n_blocks) in enumerate(RESNET38_LAYERS):
+            blocks = [BasicBlock(n_in if j == 0 else n_out, n_out, 2 if i and not j else 1)
+                      for j in range(n_blocks)]
+            setattr(self.resnet, f"layer{i + 1}", nn.Sequential(*blocks))
+            n_in = n_out
+        self.conv_block_after1 = PannsConvBlock(512, 2048)
+        self.fc1 = nn.Linear(2048, 2048)
+        self.fc_audioset = nn.Linear(2048, n_classes)
+
+    def basic_blocks(self):
+        """The 16 BasicBlocks in order (the paper's 3776 = 3*64 + 4*128 + 6*256 + 3*512)."""
+        return [b for i in range(len(RESNET38_LAYERS)) for b in getattr(self.resnet, f"layer{i + 1}")]
+
+    def forward(self, logmel):
+        x = logmel.transpose(-1, -2).unsqueeze(1)            # (B, 1, T, n_mels), PANNs' layout
+        x = self.bn0(x.transpose(1, 3)).transpose(1, 3)       # BatchNorm per mel bin
+        outputs = [self.conv_block1(x)]                       # (B, 64, T/2, n_mels/2)
+        for block in self.basic_blocks():
+            outputs.append(block(outputs[-1]))                # (B, C, T/2^k, n_mels/2^k)
+        x = F.avg_pool2d(outputs[-1], 2)
+        outputs.append(self.conv_block_after1(x, pool=1))     # (B, 2048, T/32, n_mels/32)
+        return outputs
+
+
+def channel_means(maps):
+    """Each feature map averaged over its time and frequency axes, concatenated: eq. 1-2 of
+    Narita & Tamamori. maps: [(B, C_i, H_i, W_i)]. Returns (B, sum C_i)."""
+    return torch.cat([m.mean(dim=(-2, -1)) for m in maps], dim=1)
+
+
+def load_panns_checkpoint(model, path):
+    """Load a PANNs checkpoint file into `model` (a ResNet38): the file is a dict whose "model"
+    entry is the state_dict, as PANNs saves it, or the state_dict itself. Every tensor of the
+    model must be in the file with its shape, or a one-line ValueError names the first missing
+    or mis-shaped key; BatchNorm's num_batches_tracked counters may be absent (they change no
+    output). Returns the file's keys the model does not have, for the caller to report."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file; give the PANNs checkpoint "
+                         f"(ResNet38_mAP=0.434.pth) with --pretrained") from None
+    except Exception as err:     # torch.load raises several types; the path and reason matter
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint of tensors ({reason})") from err
+    state = saved.get("model", saved) if isinstance(saved, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a PANNs checkpoint (expected a dict with a 'model' "
+                         f"state_dict, found {type(saved).__name__})")
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise ValueError(f"{path}: not a PANNs {type(model).__name__} checkpoint: weight "
+                         f"'{missing[0]}' {tuple(expected[missing[0]].shape)} is missing "
+                         f"({len(missing)} of {len(expected)} missing)")
+    wrong = [k for k in expected if k in state and (not isinstance(state[k], torch.Tensor) or
+                                                    state[k].shape != expected[k].shape)]
+    if wrong:
+        k = wrong[0]
+        found = tuple(state[k].shape) if isinstance(state[k], torch.Tensor) else type(state[k]).__name__
+        raise ValueError(f"{path}: not a PANNs {type(model).__name__} checkpoint: weight '{k}' "
+                         f"has shape {found}, expected {tuple(expected[k].shape)} "
+                         f"({len(wrong)} mis-shaped)")
+    model.load_state_dict({k: state[k] for k in expected if k in state}, strict=False)
+    return sorted(set(state) - set(expected))
+
+
+# --------------------------------------------------------------------------------------------
+# VAE of the CL-VAE (Narita & Tamamori 2021, table 1)
+#
+# Encoder: FCBlock(1024) x 3, FCBlock(512); from its output h, a Gaussian of 512 dimensions
+# (mean and log-variance, one Linear each; the reparameterisation z = mu + sigma * eps); decoder
+# the mirror: FCBlock(512), FCBlock(1024) x 3, FCBlock(input) whose ReLU is the output
+# activation. FCBlock = Linear, BatchNorm, ReLU (dense_block). The center loss of the CL-VAE acts
+# on h, "the output layer of the encoder" (section 1), the layer both the Gaussian and the
+# paper's CenterLossLayer read in table 1.
+
+class VAE(nn.Module):
+    def __init__(self, input_dim=3776, *, hidden=1024, n_hidden=3, bottleneck=512, latent=512):
+        super().__init__()
+        widths = [input_dim] + [hidden] * n_hidden + [bottleneck]
+        self.encoder = nn.Sequential(*[dense_block(a, b) for a, b in zip(widths, widths[1:])])
+        self.mu, self.logvar = nn.Linear(bottleneck, latent), nn.Linear(bottleneck, latent)
+        widths = [latent, bottleneck] + [hidden] * n_hidden + [input_dim]
+        self.decoder = nn.Sequential(*[dense_block(a, b) for a, b in zip(widths, widths[1:])])
+
+    def forward(self, x, gen=None):
+        """x: (B, input_dim). With a generator z is drawn (training); without, z = mu (a
+        deterministic score). Returns x_hat (B, input_dim), mu and logvar (B, latent), h (B,
+        bottleneck)."""
+        h = self.encoder(x)
+        mu, logvar = self.mu(h), self.logvar(h)
+        z = mu
+        if gen is not None:
+            eps = torch.randn(mu.shape, generator=gen, device=mu.device, dtype=mu.dtype)
+            z = mu + torch.exp(0.5 * logvar) * eps
+        return self.decoder(z), mu, logvar, h
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,3 +459,44 @@ def focal_loss(logits, labels, *, gamma=2.0):
     """logits (B, C), labels (B,) class indices. Returns the batch mean, a scalar."""
     log_p = F.log_softmax(logits, dim=1).gather(1, labels[:, None])[:, 0]   # (B,) log p_t
     return -((1 - log_p.exp()) ** gamma * log_p).mean()
+
+
+# --------------------------------------------------------------------------------------------
+# Losses: the VAE's terms and the center loss (Narita & Tamamori 2021, eq. 3-7; Wen et al.,
+# "A Discriminative Feature Learning Approach for Deep Face Recognition", 2016)
+#
+# Both return one value per example, so that a system can average them into a batch loss and
+# use the same values as a clip's anomaly score (eq. 9, 10). Eq. 6's (x_i - x_hat_i)^2 of a
+# feature vector is read as its squared norm (summed over features, as the Keras VAE example
+# the DCASE systems of 2021 grew from: mse * original_dim); eq. 7's sigma is the variance
+# (1 + log var - mu^2 - var, the KL divergence from N(0, I)), summed over latent dimensions.
+
+def vae_loss_terms(x, x_hat, mu, logvar):
+    """Eq. 6 and eq. 7 per example: the squared reconstruction error ||x - x_hat||^2 and the
+    KL divergence -1/2 sum(1 + logvar - mu^2 - exp(logvar)). Returns two (B,) tensors."""
+    rec = ((x - x_hat) ** 2).sum(dim=1)
+    kld = -0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(dim=1)
+    return rec, kld
+
+
+class CenterLoss(nn.Module):
+    """A centre per class (a buffer, zeros at first: the paper gives no initialisation), not
+    learnt by gradient but moved after each batch by eq. 4-5; forward gives eq. 3's terms."""
+
+    def __init__(self, n_classes, dim, *, alpha=1.0):
+        super().__init__()
+        self.register_buffer("centers", torch.zeros(n_classes, dim))
+        self.alpha = alpha
+
+    def forward(self, h, y):
+        """1/2 ||h_i - c_{y_i}||^2 per example (eq. 3). h: (B, dim), y: (B,) class indices."""
+        return 0.5 * ((h - self.centers[y]) ** 2).sum(dim=1)           # (B,)
+
+    @torch.no_grad()
+    def update(self, h, y):
+        """Eq. 4-5: dc_j = sum_{i: y_i = j} (c_j - h_i) / (1 + n_j), c_j <- c_j - alpha dc_j;
+        a class with no example in the batch stays where it is."""
+        onehot = F.one_hot(y, len(self.centers)).to(h.dtype)             # (B, C)
+        n = onehot.sum(dim=0)[:, None]                                   # (C, 1)
+        delta = (n * self.centers - onehot.T @ h) / (1 + n)              # (C, dim), eq. 4
+        self.centers -= self.alpha * delta                               # eq. 5

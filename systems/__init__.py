@@ -47,6 +47,9 @@ SYSTEMS = {
            "official DCASE autoencoder baseline (dense AE on 5 log-mel frames)"),
     "shinmura2020": ("shinmura2020", "Shinmura2020",
                      "Shinmura 2020: self-supervised MobileNetV2 + ArcFace, generated anomalies"),
+    "narita2021": ("narita2021", "Narita2021",
+                   "Narita 2021: CNN block features (PANNs ResNet38 or own MobileNetV2) + "
+                   "Center-Loss VAE"),
     "jless2022": ("jless2022", "Jless2022",
                   "JLESS 2022: batch mixing, MobileFaceNet/DPT on section IDs, LOF/cosine/log-softmax"),
 }
