@@ -47,6 +47,8 @@ SYSTEMS = {
            "official DCASE autoencoder baseline (dense AE on 5 log-mel frames)"),
     "shinmura2020": ("shinmura2020", "Shinmura2020",
                      "Shinmura 2020: self-supervised MobileNetV2 + ArcFace, generated anomalies"),
+    "midea2024": ("midea2024", "Midea2024",
+                  "Midea 2024: dual-branch spectrum/spectrogram CNN + CBAM, sub-cluster AdaCos"),
 }
 
 # keyword-only parameters every system's __init__ takes; the others are its own options
