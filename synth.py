@@ -9,7 +9,7 @@ gets anonymised test names (in shuffled order) and the ground truth in each year
 2020 eval_data_list.csv, 2021 one table per domain, 2022+ the label, domain and attribute tables.
 
 On request (n_attributes > 1) each section's clips take turns among several operating
-conditions, heard as a timbre (the harmonics fall off faster) and named in the attribute
+conditions, heard as a speed 4% higher per step (pitch and event rate) and named in the attribute
 string, hidden where the year's table says noAttribute: Midea 2024's pseudo-attributes must
 find them. 2025 sets can get supplemental/ normal clips (n_supplemental). Both default off,
 and then every year's files are the same bytes as before they existed.
@@ -29,18 +29,14 @@ SECONDS = 2.0           # clip length; real clips are 6-12 s
 EVENTS = {"clicks": 0, "bursts": 1, "sweep": 2}
 TARGET_SPEED = 1.12     # target domain: 12% faster
 TARGET_NOISE_DB = 6.0   # and 6 dB more noise
-ATTRIBUTE_TILT = 0.5    # attribute a: harmonic k's gain falls by a further k ** (-0.5 a)
+ATTRIBUTE_SPEED = 0.04  # operating condition a: (1 + 0.04 a) times faster
 
 
-def machine_sound(rng, *, kind, f0, speed=1.0, noise_db=-30.0, anomaly=None, seconds=SECONDS,
-                  tilt=0.0):
-    """One clip of machine-like sound, float32 in [-1, 1]; tilt steepens the harmonics' fall
-    (an operating condition). shape = (seconds * SR,)"""
+def machine_sound(rng, *, kind, f0, speed=1.0, noise_db=-30.0, anomaly=None, seconds=SECONDS):
+    """One clip of machine-like sound, float32 in [-1, 1]. shape = (seconds * SR,)"""
     t = np.arange(int(seconds * SR)) / SR
     f = f0 * speed
     gains = 1.0 / np.arange(1, 7)                          # six harmonics, falling 6 dB/oct
-    if tilt:
-        gains = gains / np.arange(1, 7) ** tilt
     if anomaly == "harmonic":
         gains[rng.integers(2, 6)] = 1.2                     # one upper harmonic grown strong
     x = sum(g * np.sin(2 * np.pi * f * (k + 1) * t + rng.uniform(0, 2 * np.pi))
@@ -166,9 +162,9 @@ def _write_section(out, rng, spec, machine, section, part, n_train, n_test, n_at
     for split, domain, label, i in plan:
         target = domain == "target"
         anomaly = rng.choice(["tone", "impulses", "harmonic"]) if label == "anomaly" else None
-        x = machine_sound(rng, kind=kind, f0=f0, speed=TARGET_SPEED if target else 1.0,
-                          noise_db=-30 + (TARGET_NOISE_DB if target else 0), anomaly=anomaly,
-                          tilt=ATTRIBUTE_TILT * (i % n_attributes))
+        speed = (TARGET_SPEED if target else 1.0) * (1 + ATTRIBUTE_SPEED * (i % n_attributes))
+        x = machine_sound(rng, kind=kind, f0=f0, speed=speed,
+                          noise_db=-30 + (TARGET_NOISE_DB if target else 0), anomaly=anomaly)
         a = attrs or f"speed_{'B' if target else 'A'}" + (
             f"_load_{i % n_attributes}" if n_attributes > 1 else "")
         name = clip_names(spec.year, section, domain, split, label, i, a)
@@ -189,7 +185,7 @@ def _write_supplemental(out, spec, machine, section, part, n, n_attributes):
     rng = np.random.default_rng([spec.year, zlib.crc32(machine.encode()), int(section), 7])
     attrs = "noAttribute" if machine in spec.no_attribute else None
     for i in range(n):
-        x = machine_sound(rng, kind=kind, f0=f0, tilt=ATTRIBUTE_TILT * (i % n_attributes))
+        x = machine_sound(rng, kind=kind, f0=f0, speed=1 + ATTRIBUTE_SPEED * (i % n_attributes))
         a = attrs or f"speed_A_load_{i % n_attributes}"
         write_clip(data.part_dir(out, spec.year, part) / machine / "supplemental" /
                    f"section_{section}_source_supplemental_normal_{i:04d}_{a}.wav", x)

@@ -15,8 +15,9 @@ domain too) and over the machine (type and section). The classifier is trained o
 training clips of every machine type in the data folder (the CLI's `pretrain_clips`), as
 Wilkinghoff and Midea train one model for all; the model folder keeps what scores this one.
 Classes without attributes (2.2, submission 2): the source clips of a noAttribute section
-are split into --pseudo-attributes k-means clusters of their log mean spectrum; its few
-target clips stay one class.
+(and, our extension, of a section whose source clips share one attribute string) are split
+into --n-pseudo k-means clusters of their log mean spectrum; its few target clips stay one
+class.
 Augmentations (2.2): mixup of waveforms and labels within a batch; for the rare
 target-domain classes, time warping (first, when a class has a single clip) and SMOTE, which
 bring each up to the mean size of its section's source classes.
@@ -161,10 +162,13 @@ class Midea2024:
         if self.switches["pseudo_attributes"]:
             for key in sorted({(c.machine, c.section) for c in clips}):
                 idx = [i for i, c in enumerate(clips) if (c.machine, c.section) == key and
-                       c.attributes in HIDDEN and c.domain != "target"]
-                if len(idx) > self.n_pseudo:
+                       c.domain != "target"]
+                # hidden attributes, and (our extension) one attribute string for the whole
+                # source domain, as the RoboticArm sample has: both leave one source class
+                if len({attrs[i] for i in idx} - set(HIDDEN)) <= 1 and len(idx) > self.n_pseudo:
+                    # the log spectrum as it is: scaling each bin to unit variance made the
+                    # near-silent bins' noise count as much as the machine's lines
                     x = self.static_spectrum(w[idx])
-                    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
                     labels = detectors.KMeans(self.n_pseudo).fit(x, gen).predict(x)
                     for i, k in zip(idx, labels.tolist()):
                         attrs[i] = f"pseudo{k}"
@@ -221,8 +225,8 @@ class Midea2024:
         self.log(f"training on {len(w)} clips: {y_joint.shape[1]} joint classes, "
                  f"{y_machine.shape[1]} machines")
         if y_joint.shape[1] < 2:
-            self.log("warning: one class only (attributes hidden, no pseudo-attributes): the "
-                     "classifier has nothing to learn; try --pseudo-attributes")
+            self.log("warning: one class only (one machine, no attributes, no pseudo-"
+                     "attributes): the classifier has nothing to learn; try --pseudo-attributes")
         with train.seeded(self.seed + 1):
             heads = torch.nn.ModuleList([models.SubClusterAdaCos(
                 self.net.embedding_dim, y.shape[1], self.n_subclusters,
