@@ -108,17 +108,19 @@ def train_clips(args):
     return clips
 
 
-def pretrain_pool(args):
+def pretrain_pool(args, split="train"):
     """The training clips of every machine type in the folder the run trains from (the dev
-    folder first, as train_clips), for a system that pre-trains across machine types."""
+    folder first, as train_clips), for a system that pre-trains across machine types; with
+    split "supplemental" (2025), the normal clips of that extra folder instead."""
     if args.normal_dir:
         return None                              # the system pre-trains on the clips it fits
     spec = data.get_year(args.year)
     folder = data_folder(args)
     if args.part == "eval" and not args.data_dir and args.machine in spec.dev:
         folder = data.part_dir(args.data_root, args.year, "dev")
-    return [c for m in spec.machines if (folder / m / "train").is_dir()
-            for c in data.list_clips(folder, year=args.year, machine=m, split="train")]
+    return [c for m in spec.machines if (folder / m / split).is_dir()
+            for c in data.list_clips(folder, year=args.year, machine=m, split=split)
+            if c.label == "normal"]
 
 
 def system_options(args, device):
@@ -188,12 +190,15 @@ def fit_and_save(args, clips, model_dir, about):
     features.check_clips([c.path for c in clips], min_samples=system.min_samples, training=True,
                          log=args.log)
     t0 = time.time()
+    extra = {}
+    if "supplemental_clips" in inspect.signature(cls.fit).parameters:   # 2025's extra folder
+        extra["supplemental_clips"] = pretrain_pool(args, "supplemental") or []
     if "pretrain_clips" in inspect.signature(cls.fit).parameters:
         pool = pretrain_pool(args)
         pool = pool and [c for c in pool if c not in set(held)]
-        system.fit(fit_clips, model_dir, pretrain_clips=pool)
+        system.fit(fit_clips, model_dir, pretrain_clips=pool, **extra)
     else:
-        system.fit(fit_clips, model_dir)
+        system.fit(fit_clips, model_dir, **extra)
     # The official baselines fit the gamma to the training clips' own scores; a model that has
     # fitted those clips scores them lower than any new normal clip, so that threshold flags
     # most normal test clips. Held-out normals give the scores a new normal clip gets.

@@ -145,3 +145,46 @@ def fmix(x, gen, rng, *, alpha=1.0, decay=3.0):
     mask = fmix_mask(x.shape[-2:], float(rng.beta(alpha, alpha)), gen, decay=decay).to(x.dtype)
     perm = torch.randperm(len(x), generator=gen, device=gen.device)
     return mask * x + (1 - mask) * x[perm], perm, float(mask.mean())
+
+
+# --------------------------------------------------------------------------------------------
+# Time warping (Iwana & Uchida, "An empirical survey of data augmentation for time series
+# classification with neural networks", 2021, section 3.1.4) and SMOTE (Chawla et al. 2002),
+# as Midea 2024 uses them: time warping multiplies a class of a single clip, SMOTE then
+# over-samples the rare (target-domain) classes.
+
+def time_warp(x, gen, *, sigma=0.2, knots=4):
+    """Play each signal at a smoothly varying speed and keep its length: the speed at knots + 2
+    evenly spaced points is drawn from N(1, sigma) (floored at 0.1), linearly interpolated to
+    every sample; its running sum, scaled to span 0..n - 1, gives the time each output sample
+    reads (linear interpolation between neighbouring samples). sigma 0 is the identity.
+    x: (B, n). Returns (B, n)."""
+    b, n = x.shape
+    speed = 1 + sigma * torch.randn(b, knots + 2, generator=gen, device=x.device, dtype=x.dtype)
+    speed = torch.nn.functional.interpolate(speed.clamp(min=0.1)[:, None], size=n, mode="linear",
+                                            align_corners=True)[:, 0]          # (B, n)
+    t = torch.cumsum(speed, dim=1) - speed[:, :1]                                # starts at 0
+    t = t * (n - 1) / t[:, -1:]                                                  # ends at n - 1
+    left = t.floor().long().clamp(max=n - 2)
+    frac = t - left
+    return torch.lerp(x.gather(1, left), x.gather(1, left + 1), frac)
+
+
+def smote(x, gen, *, n_new, k=5, space=None):
+    """n_new synthetic examples of one class: each starts at a random example x[i] and moves a
+    uniform random share u of the way to one of its k nearest neighbours (drawn at random):
+    x[i] + u (x[j] - x[i]). Neighbours are found by Euclidean distance in `space` ((N, D), e.g.
+    a feature of each example; default x itself, flattened). x: (N, ...), N >= 2.
+    Returns (n_new, ...)."""
+    if len(x) < 2:
+        raise ValueError(f"SMOTE needs two examples of a class, got {len(x)}; time-warp first")
+    space = (x if space is None else space).reshape(len(x), -1)
+    dist = torch.cdist(space, space)                                  # (N, N)
+    dist.fill_diagonal_(float("inf"))
+    k = min(k, len(x) - 1)
+    neighbours = dist.topk(k, largest=False).indices                 # (N, k)
+    i = torch.randint(len(x), (n_new,), generator=gen, device=gen.device).to(x.device)
+    pick = torch.randint(k, (n_new,), generator=gen, device=gen.device).to(x.device)
+    j = neighbours[i, pick]
+    u = torch.rand(n_new, *[1] * (x.dim() - 1), generator=gen, device=gen.device).to(x)
+    return x[i] + u * (x[j] - x[i])

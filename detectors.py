@@ -177,3 +177,62 @@ def log_softmax_score(logits, classes):
     Returns (...) float64; nothing to fit."""
     log_p = F.log_softmax(logits.double(), dim=-1)
     return -log_p.gather(-1, classes[..., None])[..., 0]
+
+
+# --------------------------------------------------------------------------------------------
+# k-means (Lloyd's algorithm, k-means++ seeding: Arthur & Vassilvitskii 2007), as
+# scikit-learn's KMeans(n_init=1) computes it. Midea 2024 uses it twice: pseudo-attributes for
+# clips whose attributes are hidden, and the source domain's reference points for the score.
+
+class KMeans:
+    """Euclidean k-means. fit(x, gen) finds min(n_clusters, N) centres (a set smaller than
+    n_clusters keeps every point as its own centre); predict(x) gives each row's nearest one."""
+
+    def __init__(self, n_clusters, *, n_iter=100, tol=1e-6):
+        self.n_clusters, self.n_iter, self.tol = n_clusters, n_iter, tol
+
+    def fit(self, x, gen):
+        """x: (N, D) float tensor; gen: a torch.Generator for the seeding (on any device)."""
+        k = min(self.n_clusters, len(x))
+        centres = self._seed(x, k, gen)
+        for _ in range(self.n_iter):
+            labels = torch.cdist(x, centres).argmin(dim=1)                    # (N,)
+            moved = torch.zeros_like(centres).index_add_(0, labels, x)
+            counts = torch.bincount(labels, minlength=k).to(x.dtype)[:, None]
+            # an empty cluster keeps its centre (k-means++ seeds make one rare)
+            moved = torch.where(counts > 0, moved / counts.clamp(min=1), centres)
+            shift = float((moved - centres).square().sum())
+            centres = moved
+            if shift <= self.tol * float(x.var(dim=0).sum()):
+                break
+        self.centres = centres                                                 # (k, D)
+        return self
+
+    @staticmethod
+    def _seed(x, k, gen):
+        """k-means++: each next centre drawn with probability proportional to its squared
+        distance to the nearest centre so far."""
+        first = int(torch.randint(len(x), (1,), generator=gen, device=gen.device))
+        centres = [x[first]]
+        d2 = (x - x[first]).square().sum(dim=1)
+        for _ in range(1, k):
+            p = d2 / d2.sum() if d2.sum() > 0 else torch.ones_like(d2) / len(d2)
+            nxt = int(torch.multinomial(p.to(gen.device), 1, generator=gen))
+            centres.append(x[nxt])
+            d2 = torch.minimum(d2, (x - x[nxt]).square().sum(dim=1))
+        return torch.stack(centres)                                            # (k, D)
+
+    def predict(self, x):
+        """x: (M, D). Returns (M,) int64, the index of each row's nearest centre."""
+        return torch.cdist(x, self.centres).argmin(dim=1)
+
+    def inertia(self, x):
+        """Sum of squared distances of x to their nearest centres (scikit-learn's inertia_)."""
+        return float(torch.cdist(x, self.centres).min(dim=1).values.square().sum())
+
+    def state(self):
+        return {"centres": self.centres}
+
+    def load_state(self, state):
+        self.centres = state["centres"]
+        return self

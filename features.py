@@ -578,3 +578,32 @@ def _batched(fn, waves, settings, device):
         for i, feat in zip(idx, fn(x, **settings).cpu()):                   # (B, ..., T)
             feats[i] = feat
     return feats
+
+
+# --------------------------------------------------------------------------------------------
+# Midea 2024 (Yin et al., section 2.1, after Wilkinghoff, ICASSP 2023): every clip repeated or
+# cropped to one fixed length; the magnitude spectrum of the whole clip (magnitude_spectrum
+# above); the magnitude spectrogram (STFT 1024/512) between 200 and 8000 Hz with its time
+# average subtracted, which removes the static spectrum the first representation carries.
+
+BAND_HZ = (200.0, 8000.0)   # Hz, the spectrogram branch's frequency range
+
+
+def fixed_length(x, *, n_samples: int) -> torch.Tensor:
+    """Repeat a clip end to end until it is n_samples long, then keep the first n_samples
+    (a longer clip is cropped to its start). Deterministic: the same clip always gives the same
+    input. x: (..., n) tensor or array. Returns (..., n_samples)."""
+    x = _as_signal(x)
+    reps = -(-n_samples // x.shape[-1])                         # ceil
+    return x.repeat(*([1] * (x.dim() - 1)), reps)[..., :n_samples]
+
+
+def band_spectrogram(x, *, n_fft: int = N_FFT, hop: int = HOP, sr: int = SR,
+                     fmin: float = BAND_HZ[0], fmax: float = BAND_HZ[1]) -> torch.Tensor:
+    """|STFT| (zero centre padding, periodic Hann) of the bins fmin <= f <= fmax, minus its
+    mean over time. x: (..., n_samples). Returns (..., n_bins_in_band, n_frames); at the
+    defaults 500 bins (203.1 to 8000 Hz)."""
+    spec = stft(x, n_fft=n_fft, hop=hop, center=True, pad_mode="constant").abs()  # (..., F, T)
+    hz = torch.arange(spec.shape[-2], device=spec.device) * (sr / n_fft)
+    band = spec[..., (hz >= fmin) & (hz <= fmax), :]                          # (..., Fb, T)
+    return band - band.mean(dim=-1, keepdim=True)

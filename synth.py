@@ -8,6 +8,12 @@ strong. Everything is seeded: the same arguments write the same bytes. The evalu
 gets anonymised test names (in shuffled order) and the ground truth in each year's format:
 2020 eval_data_list.csv, 2021 one table per domain, 2022+ the label, domain and attribute tables.
 
+On request (n_attributes > 1) each section's clips take turns among several operating
+conditions, heard as a speed 4% higher per step (pitch and event rate) and named in the attribute
+string, hidden where the year's table says noAttribute: Midea 2024's pseudo-attributes must
+find them. 2025 sets can get supplemental/ normal clips (n_supplemental). Both default off,
+and then every year's files are the same bytes as before they existed.
+
 Not modelled: reverberation, microphone colouring, the real machines' spectra. The point is a
 data set where a working detector must score near 1 and a broken one near 0.5.
 """
@@ -23,6 +29,7 @@ SECONDS = 2.0           # clip length; real clips are 6-12 s
 EVENTS = {"clicks": 0, "bursts": 1, "sweep": 2}
 TARGET_SPEED = 1.12     # target domain: 12% faster
 TARGET_NOISE_DB = 6.0   # and 6 dB more noise
+ATTRIBUTE_SPEED = 0.04  # operating condition a: (1 + 0.04 a) times faster
 
 
 def machine_sound(rng, *, kind, f0, speed=1.0, noise_db=-30.0, anomaly=None, seconds=SECONDS):
@@ -77,11 +84,14 @@ def write_clip(path, x):
     data.write_atomic(path, lambda f: sf.write(f, x, SR, subtype="PCM_16", format="WAV"))
 
 
-def synthesize(out, *, year, machines=None, n_train=20, n_test=10, seed=0, eval_part=True):
+def synthesize(out, *, year, machines=None, n_train=20, n_test=10, seed=0, eval_part=True,
+               n_attributes=1, n_supplemental=0):
     """Write a small data set for `year` below out/dcase<YEAR>/: dev_data and eval_data, the
     latter with anonymised test names and the organisers' ground truth in that year's format.
     n_train: normal training clips per section (2021+: 1 in 10 of them target domain);
-    n_test: test clips per section, domain and label. Returns the number of files written."""
+    n_test: test clips per section, domain and label; n_attributes: operating conditions that
+    clip i takes as i % n_attributes (2021+); n_supplemental: normal clips per section in
+    supplemental/ (years that have that folder). Returns the number of files written."""
     spec = data.get_year(year)
     machines = machines or default_machines(year)
     count, list_2020 = 0, {}
@@ -92,8 +102,12 @@ def synthesize(out, *, year, machines=None, n_train=20, n_test=10, seed=0, eval_
             for section in spec.sections(machine, part)[:2]:
                 rng = np.random.default_rng([seed, year, zlib.crc32(machine.encode()),
                                              int(section), part == "eval"])
-                n, truth = _write_section(out, rng, spec, machine, section, part, n_train, n_test)
+                n, truth = _write_section(out, rng, spec, machine, section, part, n_train, n_test,
+                                          n_attributes)
                 count += n
+                if n_supplemental and "supplemental" in spec.extra_dirs:
+                    count += _write_supplemental(out, spec, machine, section, part,
+                                                 n_supplemental, n_attributes)
                 eval_dir = data.part_dir(out, year, "eval")
                 if truth and year == 2020:          # one list for all, written at the end
                     list_2020.setdefault(machine, []).extend(truth)
@@ -124,7 +138,7 @@ def anonymous_name(year, section, domain, k):
     return f"section_{section}_{k:04d}.wav"
 
 
-def _write_section(out, rng, spec, machine, section, part, n_train, n_test):
+def _write_section(out, rng, spec, machine, section, part, n_train, n_test, n_attributes=1):
     """Write one section's clips; returns (count, truth rows of its anonymised test clips:
     (anonymous name, label, domain, full name))."""
     root = data.part_dir(out, spec.year, part) / machine
@@ -148,9 +162,11 @@ def _write_section(out, rng, spec, machine, section, part, n_train, n_test):
     for split, domain, label, i in plan:
         target = domain == "target"
         anomaly = rng.choice(["tone", "impulses", "harmonic"]) if label == "anomaly" else None
-        x = machine_sound(rng, kind=kind, f0=f0, speed=TARGET_SPEED if target else 1.0,
+        speed = (TARGET_SPEED if target else 1.0) * (1 + ATTRIBUTE_SPEED * (i % n_attributes))
+        x = machine_sound(rng, kind=kind, f0=f0, speed=speed,
                           noise_db=-30 + (TARGET_NOISE_DB if target else 0), anomaly=anomaly)
-        a = attrs or f"speed_{'B' if target else 'A'}"
+        a = attrs or f"speed_{'B' if target else 'A'}" + (
+            f"_load_{i % n_attributes}" if n_attributes > 1 else "")
         name = clip_names(spec.year, section, domain, split, label, i, a)
         folder = split if split == "train" or spec.year != 2021 else f"{domain}_test"
         if part == "eval" and split == "test":
@@ -160,6 +176,20 @@ def _write_section(out, rng, spec, machine, section, part, n_train, n_test):
             name = anon
         write_clip(root / folder / name, x)
     return len(plan), truth
+
+
+def _write_supplemental(out, spec, machine, section, part, n, n_attributes):
+    """n source-domain normal clips in <machine>/supplemental/ (2025's extra folder), from a
+    generator of their own so that the other clips stay the same bytes."""
+    kind, f0 = machine_profile(machine, section)
+    rng = np.random.default_rng([spec.year, zlib.crc32(machine.encode()), int(section), 7])
+    attrs = "noAttribute" if machine in spec.no_attribute else None
+    for i in range(n):
+        x = machine_sound(rng, kind=kind, f0=f0, speed=1 + ATTRIBUTE_SPEED * (i % n_attributes))
+        a = attrs or f"speed_A_load_{i % n_attributes}"
+        write_clip(data.part_dir(out, spec.year, part) / machine / "supplemental" /
+                   f"section_{section}_source_supplemental_normal_{i:04d}_{a}.wav", x)
+    return n
 
 
 def _write_ground_truth(eval_dir, machine, section, truth):

@@ -52,6 +52,8 @@ SYSTEMS = {
                    "Center-Loss VAE"),
     "jless2022": ("jless2022", "Jless2022",
                   "JLESS 2022: batch mixing, MobileFaceNet/DPT on section IDs, LOF/cosine/log-softmax"),
+    "midea2024": ("midea2024", "Midea2024",
+                  "Midea 2024: dual-branch spectrum/spectrogram CNN + CBAM, sub-cluster AdaCos"),
 }
 
 # keyword-only parameters every system's __init__ takes; the others are its own options
