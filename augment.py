@@ -1,6 +1,9 @@
 """Everything that changes *training* inputs with a torch.Generator: generated anomalies
-(Shinmura 2020) and mixup. Nothing here is used at test time; deterministic input
-representations live in features.py.
+(Shinmura 2020), mixup, time masking and frame shifting (Cai 2021); and Cai 2021's median
+filter, which the paper counts among its data augmentations. The median filter is the one
+exception to "training only": it draws nothing, and Cai et al.'s code filters the test inputs
+too, so their system applies it to both. Other deterministic input representations live in
+features.py.
 
 Every function takes its randomness from the generator it is given (and, where a Beta draw is
 needed, a numpy Generator seeded from it: torch has no seeded Beta sampler), so a training run
@@ -188,3 +191,48 @@ def smote(x, gen, *, n_new, k=5, space=None):
     j = neighbours[i, pick]
     u = torch.rand(n_new, *[1] * (x.dim() - 1), generator=gen, device=gen.device).to(x)
     return x[i] + u * (x[j] - x[i])
+
+
+# --------------------------------------------------------------------------------------------
+# Cai et al. 2021 (section 2.4): median filter, time masking, frame shifting
+#
+# Inputs are log-mel spectrograms (..., n_mels, T). The paper gives the median filter's window
+# (31 frames, "1 second, for each filter bank respectively") and no settings for the other two;
+# time masking is SpecAugment's (Park et al. 2019), frame shifting a circular shift in time as
+# the authors' code imports it (torch_audiomentations' Shift, with roll-over).
+
+def median_filter(x, *, window=31, axis=-1):
+    """Running median of `window` values (odd) along `axis`, edges mirrored (d c b | a b c d,
+    torch's "reflect", scipy.ndimage's mode="mirror"). axis=-1: along time, each mel band on its
+    own; axis=-2: along frequency, each frame on its own. Returns a tensor of x's shape."""
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"the median filter's window must be odd and positive, not {window}")
+    x = torch.as_tensor(x).movedim(axis, -1)                   # (..., L), L along the axis
+    half = window // 2
+    if x.shape[-1] <= half:
+        raise ValueError(f"{x.shape[-1]} values are too few to mirror {half} at each edge for "
+                         f"a median filter of {window}")
+    flat = x.reshape(-1, 1, x.shape[-1])                       # (N, 1, L) for F.pad
+    padded = torch.nn.functional.pad(flat, (half, half), mode="reflect")
+    medians = padded.unfold(-1, window, 1).median(dim=-1).values   # (N, 1, L)
+    return medians.reshape(x.shape).movedim(-1, axis)
+
+
+def time_mask(x, gen, *, max_width, value=0.0):
+    """SpecAugment time masking: in each example of (B, F, T), a run of w ~ U{0..max_width}
+    frames starting at a uniform frame is set to `value`. Returns a new (B, F, T) tensor."""
+    b, _, n_time = x.shape
+    width = torch.randint(0, max_width + 1, (b, 1), generator=gen, device=gen.device)
+    start = (torch.rand((b, 1), generator=gen, device=gen.device) * (n_time - width + 1)).long()
+    t = torch.arange(n_time, device=gen.device)
+    masked = (t >= start) & (t < start + width)                # (B, T)
+    return x.masked_fill(masked[:, None, :].to(x.device), value)
+
+
+def frame_shift(x, gen, *, max_shift):
+    """Each example of (B, F, T) rolled along time by s ~ U{-max_shift..max_shift} frames, the
+    frames pushed out at one end coming back at the other. Returns a new (B, F, T) tensor."""
+    b, _, n_time = x.shape
+    shift = torch.randint(-max_shift, max_shift + 1, (b, 1), generator=gen, device=gen.device)
+    source = (torch.arange(n_time, device=gen.device) - shift) % n_time   # (B, T)
+    return torch.gather(x, 2, source[:, None, :].expand_as(x).to(x.device))

@@ -4,9 +4,10 @@ and the systems, thresholds in scoring.py; this file holds only `nn.Module`s and
 passes.
 
 Families: AE (the official DCASE baseline, 2020-2025); MobileNetV2 (Sandler et al. 2018, as
-torchvision lays it out, with a 1-channel input); ResNet38 (PANNs, Kong et al. 2020) with its
-checkpoint loader; the VAE of Narita & Tamamori 2021; then the losses: ArcFace (Deng et al.
-2019), the VAE's terms and the center loss (Wen et al. 2016).
+torchvision lays it out, with a 1-channel input; average or average + max pooling); the
+contrastive projection of Cai et al. 2021; ResNet38 (PANNs, Kong et al. 2020) with its
+checkpoint loader; the VAE of Narita & Tamamori 2021; MobileFaceNet and the dual-path
+transformer of JLESS 2022; the dual-branch network with CBAM of Midea 2024; then the losses.
 """
 import math
 
@@ -83,11 +84,19 @@ class InvertedResidual(nn.Module):
         return x + self.block(x) if self.skip else self.block(x)
 
 
-class MobileNetV2(nn.Module):
-    """(B, 1, H, W) images -> (B, embedding_dim) global-average-pooled features."""
+POOLS = ("avg", "avg+max")
 
-    def __init__(self, width=1.0, in_channels=1):
+
+class MobileNetV2(nn.Module):
+    """(B, 1, H, W) images -> (B, embedding_dim) pooled features. pool="avg": global average
+    pooling (the paper's); "avg+max": global average plus global max pooling, summed (GAMP, Cai
+    et al. 2021, section 3.2; the sum as in the authors' code, x.mean(-1) + x.max(-1))."""
+
+    def __init__(self, width=1.0, in_channels=1, pool="avg"):
         super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"unknown pooling '{pool}'; valid: {', '.join(POOLS)}")
+        self.pool = pool
         n_in = make_divisible(32 * width)
         layers = [conv_bn_relu6(in_channels, n_in, 3, stride=2)]
         for t, c, n, s in MOBILENETV2_BLOCKS:
@@ -105,7 +114,32 @@ class MobileNetV2(nn.Module):
                 nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
 
     def forward(self, x):
-        return self.features(x).mean(dim=(-2, -1))   # (B, embedding_dim), global average pool
+        maps = self.features(x)                       # (B, embedding_dim, H / 32, W / 32)
+        if self.pool == "avg+max":
+            return maps.mean(dim=(-2, -1)) + maps.amax(dim=(-2, -1))   # (B, embedding_dim), GAMP
+        return maps.mean(dim=(-2, -1))   # (B, embedding_dim), global average pool
+
+
+# --------------------------------------------------------------------------------------------
+# Contrastive projection (Cai et al., "A contrastive semi-supervised learning framework for
+# anomaly sound detection", DCASE 2021 workshop, section 2.3)
+#
+# Two views of one input, the AE's bottleneck and the CNN's pooled feature, are each mapped by
+# its own linear layer to a common width, then through one MLP with one hidden layer that both
+# share, to the space where the contrastive loss (eq. 4, below) compares them. The hidden
+# layer's width and the ReLU are the authors' code's (Linear, ReLU, Linear, all 256 wide).
+
+class ContrastiveProjection(nn.Module):
+    """(B, ae_dim), (B, cnn_dim) -> p, u: (B, dim) each, ready for contrastive_loss."""
+
+    def __init__(self, ae_dim=8, cnn_dim=1280, dim=256):
+        super().__init__()
+        self.ae_linear = nn.Linear(ae_dim, dim)
+        self.cnn_linear = nn.Linear(cnn_dim, dim)
+        self.shared = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+
+    def forward(self, v_ae, v_cnn):
+        return self.shared(self.ae_linear(v_ae)), self.shared(self.cnn_linear(v_cnn))  # (B, dim) x2
 
 
 # --------------------------------------------------------------------------------------------
@@ -692,3 +726,27 @@ class SubClusterAdaCos(nn.Module):
         logits = self.scale * cos
         return torch.logsumexp(logits, dim=2) - torch.logsumexp(logits.flatten(1), dim=1,
                                                                   keepdim=True)  # (B, C)
+
+
+# --------------------------------------------------------------------------------------------
+# Losses: contrastive (Cai et al. 2021, equation 4)
+#
+# L = -sum_i log( exp(<u_i, p_i> / rho) / sum_{j != i} exp(<u_i, p_j> / rho) ): the CNN view u_i
+# of example i is pulled toward the AE view p_i of the same example and pushed from the AE views
+# of the batch's other examples. Written as printed: the denominator leaves the positive pair
+# out (j != i). Our choices where the paper is silent: u and p are scaled to unit length first,
+# as in the supervised contrastive loss it cites ([11], Khosla et al. 2020) and SimCLR; with raw
+# inner products and rho = 0.07 the logits grow without bound. reduction="mean" divides the sum
+# by the batch size, as the cross-entropy of eq. 2 (1/N) and the authors' code do, so that the
+# three losses of eq. 5 keep comparable weights; reduction="sum" is eq. 4 exactly.
+
+def contrastive_loss(u, p, *, temperature=0.07, reduction="mean"):
+    """u, p: (B, D) two views of the same B examples, B >= 2. Returns a scalar."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"unknown reduction '{reduction}'; valid: mean, sum")
+    logits = F.normalize(u, dim=1) @ F.normalize(p, dim=1).T / temperature      # (B, B)
+    positive = logits.diagonal()                                                 # (B,)
+    others = logits.masked_fill(torch.eye(len(u), dtype=torch.bool, device=u.device),
+                                float("-inf"))                                   # j != i
+    loss = torch.logsumexp(others, dim=1) - positive                             # (B,)
+    return loss.mean() if reduction == "mean" else loss.sum()

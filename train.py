@@ -81,24 +81,30 @@ class Epoch:
         return float(self.total) / max(self.count, 1)
 
 
-def epochs(module, opt, gen, n, checkpoint, log, *, what="epoch"):
+def epochs(module, opt, gen, n, checkpoint, log, *, what="epoch", scheduler=None):
     """Yield Epoch 1..n, saving module, optimiser and generator state to `checkpoint` (written
     atomically) after each: an interrupted run resumes after the last saved epoch, with the
-    same random stream. The body runs in the caller, between the yield and the save."""
+    same random stream. The body runs in the caller, between the yield and the save. A
+    learning-rate scheduler's state is saved and restored with them; the body steps it."""
     start = 0
     if Path(checkpoint).exists():
         ck = torch.load(checkpoint, weights_only=False)
         module.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         gen.set_state(ck["gen"])
+        if scheduler is not None:
+            scheduler.load_state_dict(ck["scheduler"])
         start = ck["epoch"]
         log(f"resuming {what} {start} of {n} from {checkpoint}")
     t0 = time.monotonic()
     for number in range(start + 1, n + 1):
         epoch = Epoch(number)
         yield epoch
-        save({"model": module.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-              "epoch": number}, checkpoint)
+        state = {"model": module.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                 "epoch": number}
+        if scheduler is not None:
+            state["scheduler"] = scheduler.state_dict()
+        save(state, checkpoint)
         spent = time.monotonic() - t0
         left = spent / (number - start) * (n - number)
         log(f"{what} {number}/{n}  loss {epoch.loss:.4f}  {duration(spent)}, "

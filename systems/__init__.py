@@ -47,6 +47,8 @@ SYSTEMS = {
            "official DCASE autoencoder baseline (dense AE on 5 log-mel frames)"),
     "shinmura2020": ("shinmura2020", "Shinmura2020",
                      "Shinmura 2020: self-supervised MobileNetV2 + ArcFace, generated anomalies"),
+    "cai2021": ("cai2021", "Cai2021",
+                "Cai 2021: AE + MobileNetV2 section classifier trained jointly with a contrastive loss"),
     "narita2021": ("narita2021", "Narita2021",
                    "Narita 2021: CNN block features (PANNs ResNet38 or own MobileNetV2) + "
                    "Center-Loss VAE"),
