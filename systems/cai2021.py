@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 import augment
 import features
+import losses
 import models
 import train
 
@@ -248,7 +249,7 @@ class Cai2021:
         if not self.contrastive:
             return mse + ce
         p, u = self.net["projection"](v_ae, v_cnn)                      # (B, 256) each
-        return mse + ce + models.contrastive_loss(u, p, temperature=self.temperature)  # eq. 4, 5
+        return mse + ce + losses.contrastive_loss(u, p, temperature=self.temperature)  # eq. 4, 5
 
     # ----------------------------------------------------------------------------------------
     # Score (eq. 3): the CNN alone; the AE's reconstruction error where there is one class

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 import augment
 import detectors
 import features
+import losses
 import models
 import train
 
@@ -220,7 +221,7 @@ class Jless2022:
             else:
                 self.net = models.DPT(input_shape=shape, **self.dpt)
             dim = self.net.embedding_dim
-            self.head = (models.ArcFace(dim, n_classes, **self.arcface)
+            self.head = (losses.ArcFace(dim, n_classes, **self.arcface)
                          if self.recipe["loss"] == "arcface" else torch.nn.Linear(dim, n_classes))
         self.net.to(self.device), self.head.to(self.device)
 
@@ -283,7 +284,7 @@ class Jless2022:
     def _id_loss(self, emb, y):
         if self.recipe["loss"] == "arcface":
             return F.cross_entropy(self.head(emb, y), y)                    # eq. 4
-        return models.focal_loss(self.head(emb), y, gamma=self.focal_gamma)    # eq. 5-6
+        return losses.focal_loss(self.head(emb), y, gamma=self.focal_gamma)    # eq. 5-6
 
     # ----------------------------------------------------------------------------------------
     # Score (2.4): per section, on clip embeddings

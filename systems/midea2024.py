@@ -37,6 +37,7 @@ import torch
 import augment
 import detectors
 import features
+import losses
 import models
 import train
 
@@ -228,7 +229,7 @@ class Midea2024:
             self.log("warning: one class only (one machine, no attributes, no pseudo-"
                      "attributes): the classifier has nothing to learn; try --pseudo-attributes")
         with train.seeded(self.seed + 1):
-            heads = torch.nn.ModuleList([models.SubClusterAdaCos(
+            heads = torch.nn.ModuleList([losses.SubClusterAdaCos(
                 self.net.embedding_dim, y.shape[1], self.n_subclusters,
                 trainable=self.learn_centres) for y in (y_joint, y_machine)]).to(self.device)
         module = torch.nn.ModuleDict({"net": self.net, "heads": heads})

@@ -20,7 +20,7 @@ Scores (4): eq. 9, L_rec + L_kld (submission 1); eq. 10, L_rec + L_kld + lambda 
 ensemble, eq. 9 + 0.01 x eq. 10 (submission 2, the default), each computed for one clip with
 z = mu and the centre of the clip's own section.
 Our choices where the paper is silent: the VAE's training (100 epochs, Adam lr 1e-3, batches
-of 64; eq. 6-8 per example, averaged over the batch, see models.vae_loss_terms), zero initial
+of 64; eq. 6-8 per example, averaged over the batch, see losses.vae_loss_terms), zero initial
 centres, and everything about the own extractor (EXTRACTOR_* below, --width,
 --extractor-epochs). The gamma threshold (2.4) is asd.py's, as for every system.
 """
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import features
+import losses
 import models
 import train
 
@@ -229,7 +230,7 @@ class Narita2021:
                                   self.log, what="CL-VAE epoch"):
             for idx in train.batches(len(x), self.batch_size, gen):
                 x_hat, mu, logvar, h = self.vae(x[idx], gen)
-                rec, kld = models.vae_loss_terms(x[idx], x_hat, mu, logvar)    # eq. 6, 7
+                rec, kld = losses.vae_loss_terms(x[idx], x_hat, mu, logvar)    # eq. 6, 7
                 center = self.center(h, y[idx])                                # eq. 3
                 loss = eq10(rec, kld, center, self.center_weight).mean()       # eq. 8
                 epoch.add(train.step(opt, loss), len(idx))
@@ -244,7 +245,7 @@ class Narita2021:
     def _build_vae(self, input_dim):
         with train.seeded(self.seed):
             self.vae = models.VAE(input_dim, **self.vae_sizes).to(self.device)
-        self.center = models.CenterLoss(len(self.sections), self.vae_sizes["bottleneck"],
+        self.center = losses.CenterLoss(len(self.sections), self.vae_sizes["bottleneck"],
                                         alpha=self.center_alpha).to(self.device)
 
     def section_index(self, clips):
@@ -262,7 +263,7 @@ class Narita2021:
     def _score(self, x, y):
         self.vae.eval()
         x_hat, mu, logvar, h = self.vae(x)                  # z = mu: the same score every time
-        rec, kld = models.vae_loss_terms(x, x_hat, mu, logvar)
+        rec, kld = losses.vae_loss_terms(x, x_hat, mu, logvar)
         center = self.center(h, y)
         return anomaly_score(rec, kld, center, kind=self.anomaly_score, lam=self.center_weight,
                              weight=self.ensemble_weight).double().cpu().numpy()

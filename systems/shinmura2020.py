@@ -33,6 +33,7 @@ import augment
 import data
 import detectors
 import features
+import losses
 import models
 import train
 
@@ -220,7 +221,7 @@ class Shinmura2020:
         done = workdir / f"member_{i}.pt"
         with train.seeded(self.seed + i):
             net = self.network()
-            head = models.ArcFace(net.embedding_dim, 2, **self.arcface).to(self.device)
+            head = losses.ArcFace(net.embedding_dim, 2, **self.arcface).to(self.device)
         if done.exists():                                   # finished before an interruption
             net.load_state_dict(torch.load(done, weights_only=True))
             return net

@@ -15,6 +15,7 @@ import asd
 import augment
 import data
 import features
+import losses
 import models
 import synth
 import train
@@ -30,19 +31,19 @@ def test_contrastive_loss_equals_eq4_on_a_hand_checked_case():
     # eq. 4: -log(exp(1/rho) / exp(0.6/rho)) - log(exp(0.8/rho) / exp(0/rho))
     #       = (0.6 - 1)/rho + (0 - 0.8)/rho = -0.8 - 1.6 = -2.4
     expected = (0.6 - 1.0) / rho + (0.0 - 0.8) / rho
-    assert models.contrastive_loss(u, p, temperature=rho, reduction="sum").item() == \
+    assert losses.contrastive_loss(u, p, temperature=rho, reduction="sum").item() == \
         pytest.approx(expected, abs=1e-6)
-    assert models.contrastive_loss(u, p, temperature=rho).item() == pytest.approx(expected / 2, abs=1e-6)
+    assert losses.contrastive_loss(u, p, temperature=rho).item() == pytest.approx(expected / 2, abs=1e-6)
     # three examples: the denominator sums over the two others
     u3, p3 = torch.eye(3), torch.tensor([[1.0, 0, 0], [0, 0, 1], [0, 1, 0]])
     rho = 0.1
     # i=1: <u1,p1> = 1, others 0, 0 -> -(1/rho) + log(2); i=2: own 0, others 0 (p1) and 1 (p3)
     # -> -0 + log(1 + e^(1/rho)); i=3: own 0, others 0 (p1) and 1 (p2) -> log(1 + e^(1/rho))
     expected = -1 / rho + math.log(2) + 2 * math.log(1 + math.exp(1 / rho))
-    assert models.contrastive_loss(u3, p3, temperature=rho, reduction="sum").item() == \
+    assert losses.contrastive_loss(u3, p3, temperature=rho, reduction="sum").item() == \
         pytest.approx(expected, rel=1e-6)
     with pytest.raises(ValueError, match="valid: mean, sum"):
-        models.contrastive_loss(u, p, reduction="max")
+        losses.contrastive_loss(u, p, reduction="max")
 
 
 def test_contrastive_projection_shares_its_mlp():

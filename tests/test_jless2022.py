@@ -16,6 +16,7 @@ from sklearn.neighbors import LocalOutlierFactor
 import asd
 import augment
 import detectors
+import losses
 import models
 import scoring
 import synth
@@ -63,10 +64,10 @@ def test_cosine_to_mean_equals_scipy_and_log_softmax_is_cross_entropy():
 
 def test_focal_loss_with_gamma_zero_is_cross_entropy_and_weights_easy_examples_down():
     logits, labels = torch.randn(16, 6), torch.randint(6, (16,))
-    assert torch.allclose(models.focal_loss(logits, labels, gamma=0.0),
+    assert torch.allclose(losses.focal_loss(logits, labels, gamma=0.0),
                           F.cross_entropy(logits, labels), atol=1e-6)
     # by hand: p_t = 3/4 (logits 0 and ln 3), gamma 2: -(1/4)^2 log(3/4)
-    got = models.focal_loss(torch.tensor([[0.0, math.log(3)]]), torch.tensor([1]), gamma=2.0)
+    got = losses.focal_loss(torch.tensor([[0.0, math.log(3)]]), torch.tensor([1]), gamma=2.0)
     assert math.isclose(float(got), -(0.25 ** 2) * math.log(0.75), rel_tol=1e-5)
 
 

@@ -12,7 +12,7 @@ import asd
 import systems
 
 ROOT = Path(__file__).resolve().parents[1]
-LIBRARY = ("data", "features", "augment", "models", "train", "detectors", "scoring")
+LIBRARY = ("data", "features", "augment", "models", "losses", "train", "detectors", "scoring")
 
 
 def parse(*argv):
@@ -95,6 +95,7 @@ def test_import_rules_of_the_design():
         assert not imports_of(ROOT / f"{name}.py") & {"systems", "asd"}, name
     assert not imports_of(ROOT / "scoring.py") & {"models", "detectors", "train", "torch"}
     assert imports_of(ROOT / "models.py") <= {"math", "torch"}
+    assert imports_of(ROOT / "losses.py") <= {"math", "torch"}
     for name in ("augment", "detectors"):
         assert imports_of(ROOT / f"{name}.py") <= {"numpy", "torch"}, name
     assert imports_of(ROOT / "train.py") <= {"contextlib", "time", "pathlib", "torch", "data"}

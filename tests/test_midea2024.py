@@ -16,6 +16,7 @@ import augment
 import data
 import detectors
 import features
+import losses
 import models
 import scoring
 import synth
@@ -25,7 +26,7 @@ SQRT2 = math.sqrt(2)
 
 
 def test_adacos_scale_follows_its_formula_on_a_hand_checked_case():
-    head = models.AdaCos(2, 3)
+    head = losses.AdaCos(2, 3)
     with torch.no_grad():
         head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
     assert math.isclose(float(head.scale), SQRT2 * math.log(2), rel_tol=1e-6)     # C = 3
@@ -53,7 +54,7 @@ def test_adacos_scale_follows_its_formula_on_a_hand_checked_case():
 
 def test_subcluster_adacos_with_one_subcluster_is_adacos():
     torch.manual_seed(0)
-    plain, sub = models.AdaCos(8, 5), models.SubClusterAdaCos(8, 5, n_subclusters=1)
+    plain, sub = losses.AdaCos(8, 5), losses.SubClusterAdaCos(8, 5, n_subclusters=1)
     with torch.no_grad():
         sub.weight.copy_(plain.weight)
     assert float(sub.scale) == float(plain.scale)
@@ -66,7 +67,7 @@ def test_subcluster_adacos_with_one_subcluster_is_adacos():
         assert torch.allclose(sub(x, y), plain(x, y), atol=1e-5)
         assert math.isclose(float(sub.scale), float(plain.scale), rel_tol=1e-6)
     # with J centres a class's probability is the sum of the softmax over its own centres
-    many = models.SubClusterAdaCos(8, 3, n_subclusters=4).eval()
+    many = losses.SubClusterAdaCos(8, 3, n_subclusters=4).eval()
     x = torch.randn(5, 8)
     soft = torch.softmax(many.scale * torch.nn.functional.normalize(x) @
                          torch.nn.functional.normalize(many.weight).T, dim=1)     # (5, 12)

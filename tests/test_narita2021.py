@@ -13,6 +13,7 @@ import torch
 
 import asd
 import features
+import losses
 import models
 import scoring
 import synth
@@ -20,7 +21,7 @@ from systems import narita2021
 
 
 def test_center_loss_and_centre_update_follow_eq_3_to_5():
-    loss = models.CenterLoss(3, 2, alpha=0.5)
+    loss = losses.CenterLoss(3, 2, alpha=0.5)
     loss.centers.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [5.0, 5.0]]))
     h, y = torch.tensor([[2.0, 0.0], [4.0, 0.0], [1.0, 3.0]]), torch.tensor([0, 0, 1])
     # eq. 3 per example: 1/2 ||h_i - c_{y_i}||^2
@@ -34,7 +35,7 @@ def test_center_loss_and_centre_update_follow_eq_3_to_5():
 def test_vae_terms_scores_and_loss_follow_eq_6_to_10():
     x, x_hat = torch.tensor([[1.0, 2.0], [0.0, 0.0]]), torch.tensor([[0.0, 4.0], [0.0, 1.0]])
     mu, logvar = torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, math.log(2.0)], [0.0, 0.0]])
-    rec, kld = models.vae_loss_terms(x, x_hat, mu, logvar)
+    rec, kld = losses.vae_loss_terms(x, x_hat, mu, logvar)
     assert torch.allclose(rec, torch.tensor([1.0 + 4.0, 1.0]))               # eq. 6
     # eq. 7: -1/2 [(1 + 0 - 1 - 1) + (1 + ln 2 - 0 - 2)] = 1 - ln(2) / 2; N(0, 1) itself: 0
     assert torch.allclose(kld, torch.tensor([1 - math.log(2.0) / 2, 0.0]))

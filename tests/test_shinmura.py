@@ -12,6 +12,7 @@ import torch
 import asd
 import augment
 import features
+import losses
 import models
 import scoring
 import synth
@@ -48,7 +49,7 @@ def test_mobilenetv2_forward_backward_learns_on_cpu():
 
 
 def test_arcface_logits_equal_the_textbook_formula():
-    head = models.ArcFace(2, 2, scale=30.0, margin=0.05)
+    head = losses.ArcFace(2, 2, scale=30.0, margin=0.05)
     with torch.no_grad():
         head.weight.copy_(torch.tensor([[2.0, 0.0], [0.0, 0.5]]))   # normalised inside
     x = torch.tensor([[0.6, 0.8], [3.0, 0.0]])                      # |x| does not matter
