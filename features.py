@@ -517,16 +517,17 @@ CACHE_VERSION = 2   # bump when a feature function changes what it returns (2: b
 FEATURES = {"log_mel": log_mel, "spectrogram_image": spectrogram_image,
             "log_spectrogram": log_spectrogram, "panns_log_mel": panns_log_mel}
 # clips per feature call in clip_features (and bench.py's default). log_mel in clips/s, min-time /
-# median of 7 paired runs, 2 shared CPU cores (python bench.py --clips <folder> --threads 1 (or 2)
-# --batch 4,1,2,8,16,32,64 --repeats 7):
-#   batch                        1          2          4          8          16         32         64
-#   RoboticArm 7.9 s, 1 thread   1108/1083  1261/1220  1320/1131  1091/1004  1004/845   820/697    574/547
-#   RoboticArm 7.9 s, 2 threads  1461/1384  1815/1704  1850/1692  1680/1386  1486/1321  1191/1123  1109/845
-#   2023 dev 10-12 s, 1 thread   846/722    807/727    735/720    675/643    622/503    689/480    689/536
-#   2023 dev 10-12 s, 2 threads  1166/1123  1362/1264  1404/1315  1278/1232  1275/1238  1263/1187  1275/1158
-# spectrogram_image, 1 thread: batch 4 1.47, 16 1.57, 64 3.64 ms per clip. Small batches keep
-# a call's frames and spectra (3-5 MB per clip) near the caches; large ones touch fresh memory
-# pages. Measured on a CPU only; a GPU may want larger batches.
+# median of 9 paired runs of 4 passes, 2 shared CPU cores, quiet machine (python asd.py bench
+# features --clips <folder> --threads 1,2 --batch 2,4,1,8 --repeats 9):
+#   batch                        1          2          4          8
+#   RoboticArm 7.9 s, 1 thread              1352/1314  1488/1365
+#   RoboticArm 7.9 s, 2 threads             1907/1860  2226/2031
+#   2023 dev 10-12 s, 1 thread   890/877    1035/984   1000/970   898/830
+#   2023 dev 10-12 s, 2 threads  1206/1139  1532/1431  1599/1469  1475/1334
+# (earlier, single passes: batches of 16-64 were 10-50% slower than 4.) spectrogram_image,
+# 1 thread: batch 4 1.47, 16 1.57, 64 3.64 ms per clip. Small batches keep a call's frames and
+# spectra (3-5 MB per clip) near the caches; large ones touch fresh memory pages. Measured on a
+# CPU only; a GPU may want larger batches.
 CLIP_BATCH = 4
 
 
