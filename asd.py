@@ -35,6 +35,7 @@ import numpy as np
 
 import data
 import download
+import flags
 import scoring
 import synth
 import systems
@@ -487,8 +488,8 @@ def cmd_bench(args):
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--n-train", type=int, default=20, help="training clips per section")
     known, rest = pre.parse_known_args(args.bench_args)
-    system, year, quick = phase_one(["train", *rest])
-    train_args = build_parser(system, year, quick).parse_args(["train", *rest])
+    system, year, quick = flags.phase_one(["train", *rest])
+    train_args = flags.build_parser(system, year, quick).parse_args(["train", *rest])
     train_args.system = system
     start_torch(train_args.seed, train_args.threads)
     device = pick_device(train_args.device)
@@ -497,214 +498,17 @@ def cmd_bench(args):
         n_train=known.n_train))
 
 
-# --------------------------------------------------------------------------------------------
-# Arguments
-
-
-def add_run_flags(p):
-    """Flags that say which run: year, system, part and where data and outputs are."""
-    p.add_argument("--year", type=int, default=2020, help="DCASE year: file layout and metric")
-    p.add_argument("--system", default="auto",
-                   help=f"method ({', '.join(systems.SYSTEMS)}); auto: the year's default")
-    p.add_argument("--part", default="dev", choices=("dev", "eval"),
-                   help="development set (labels in the names) or evaluation set")
-    p.add_argument("--data-root", default=str(data.DEFAULT_DATA_ROOT),
-                   help="folder holding dcase<YEAR>/{dev,eval}_data/")
-    p.add_argument("--data-dir", default=None,
-                   help="the folder holding <machine>/ directly (overrides --data-root)")
-    p.add_argument("--out", default="runs", help="runs go to OUT/dcase<YEAR>/<system>/<part>/ "
-                   "(train --normal-dir: the model folder itself)")
-    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
-
-
-def count(text):
-    """argparse type: a whole number >= 0 (0 epochs is honoured, never read as 'the default')."""
-    n = int(text)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be 0 or more")
-    return n
-
-
-def add_model_flags(p, system, year, quick):
-    """Training flags: the common ones, then the chosen system's own group. Defaults are the
-    system's paper values for the year (--quick: its smoke-run values); a flag given on the
-    command line always wins. Only one system's flags are in a parser, so two systems may
-    share a flag name (--mixup-alpha, --ensemble), each with its own default."""
-    p.add_argument("--epochs", type=count, default=None, help="training epochs (the paper's)")
-    p.add_argument("--batch-size", type=count, default=None, help="batch size (the paper's)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (the paper's)")
-    p.add_argument("--threshold-quantile", type=float, default=0.9,
-                   help="decision threshold: this quantile of a gamma fit to held-out scores")
-    p.add_argument("--threshold-holdout", type=float, default=0.1,
-                   help="share of the source-domain training clips (at least 8, at most a "
-                        "quarter) kept out of training to fit the threshold to; 0: the "
-                        "baselines' in-sample fit, which flags too many normal clips")
-    p.add_argument("--quick", action="store_true",
-                   help="a smoke run: the system's tiny settings (few epochs, small network) "
-                        "that exercise every step in seconds; not for results")
-    if system is not None:
-        cls = systems.get_system(system)
-        cls.add_flags(p.add_argument_group(f"{system}: {systems.description(system)}"))
-        p.set_defaults(**{**cls.defaults(year), **(cls.quick if quick else {})})
-    add_compute_flags(p)
-
-
-def add_threads_flag(p):
-    # 2 threads on 2 cores shared with other work busy-wait: single steps stalled 5-100x here
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads; the same seed gives the same scores for the same "
-                        "count (1: steady on a shared machine)")
-
-
-def add_compute_flags(p):
-    add_threads_flag(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of every random generator")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="auto: CUDA when available")
-    p.add_argument("--cache-dir", default="cache", help="where log-mel features are cached")
-    p.add_argument("--no-cache", action="store_true", help="do not cache features on disk")
-
-
-def build_parser(system=None, year=2020, quick=False):
-    """The whole parser; train and demo hold the flags of `system` alone (see `phase_one`)."""
-    parser = argparse.ArgumentParser(prog="asd.py", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = sub.add_parser("train", help="train one machine type's model, or your own machine's",
-                       formatter_class=fmt)
-    add_run_flags(p), add_model_flags(p, system, year, quick)
-    p.add_argument("--machine", default=None, help="machine type, e.g. valve")
-    p.add_argument("--normal-dir", default=None,
-                   help="instead of --machine: a folder of your own machine's normal recordings "
-                        "(*.wav; sub-folders become sections); the model goes to --out")
-    p.set_defaults(func=cmd_train)
-    p = sub.add_parser("score", help="score any recordings with a trained model",
-                       formatter_class=fmt)
-    p.add_argument("paths", nargs="+", help="wav files, and folders searched for *.wav")
-    p.add_argument("--model", required=True, help="a model folder written by train")
-    p.add_argument("--csv", default=None, help="also write file,score,decision to this CSV")
-    add_threads_flag(p)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="auto: CUDA when available")
-    p.set_defaults(func=cmd_score)
-    p = sub.add_parser("test", help="score the test clips; write the submission CSVs",
-                       formatter_class=fmt)
-    add_run_flags(p), add_compute_flags(p)
-    p.add_argument("--machine", required=True, help="machine type, e.g. valve")
-    p.set_defaults(func=cmd_test)
-    p = sub.add_parser("evaluate", help="official score from the result CSVs and the labels",
-                       formatter_class=fmt)
-    add_run_flags(p)
-    p.add_argument("--ground-truth", default=None,
-                   help="eval part: folder holding ground_truth_data/ (default: the data dir)")
-    p.set_defaults(func=cmd_evaluate)
-    add_download_parsers(sub, fmt)
-    add_data_parsers(sub, fmt, system, year, quick)
-    return parser
-
-
-def add_download_parsers(sub, fmt):
-    p = sub.add_parser("download", help="fetch, verify and unpack a year's data from Zenodo",
-                       formatter_class=fmt)
-    p.add_argument("--year", type=int, default=2020, help="DCASE year")
-    p.add_argument("--machine", default=None,
-                   help="one machine type; when not given, every one the part lists")
-    p.add_argument("--part", default="all", choices=("dev", "train", "eval", "truth", "all"),
-                   help="development set, additional training data, evaluation set, 2020 "
-                        "ground truth, or all")
-    p.add_argument("--data-root", default=str(data.DEFAULT_DATA_ROOT),
-                   help="unpacks into DATA_ROOT/dcase<YEAR>/{dev,eval}_data/")
-    p.add_argument("--zenodo-url", default=None,
-                   help=f"Zenodo's address; when not given, ${download.ZENODO_URL_ENV}, "
-                        f"else {download.ZENODO_URL}")
-    p.add_argument("--keep-archives", action="store_true",
-                   help="keep the zip files (in .downloads/) after unpacking")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.set_defaults(func=cmd_download)
-    p = sub.add_parser("package", help="the eval result CSVs as a submission folder",
-                       formatter_class=fmt)
-    p.add_argument("--year", type=int, default=2020, help="DCASE year")
-    p.add_argument("--system", default="auto", help="method; auto: the year's default")
-    p.add_argument("--out", default="runs", help="where the runs are (as for test)")
-    p.add_argument("--dest", default="submissions",
-                   help="writes DEST/dcase<YEAR>/<system>/<label>/")
-    p.add_argument("--data-root", default=str(data.DEFAULT_DATA_ROOT),
-                   help="where the eval set's ground truth may be (checked for 2023+)")
-    p.add_argument("--label", default="Lastname_Institute_task2_1",
-                   help="<Lastname>_<Institute>_task2_<1-4>, the corresponding author's")
-    p.add_argument("--name", default=None, help="submission name (default: the system's)")
-    p.add_argument("--abbreviation", default=None, help="at most 10 characters")
-    p.add_argument("--authors", nargs="+", default=["Lastname, Firstname"],
-                   help="'Lastname, Firstname' of each author, the corresponding one first")
-    p.add_argument("--source-code", default="asd (python asd.py train/test)",
-                   help="where the code is published")
-    p.set_defaults(func=cmd_package)
-
-
-def add_data_parsers(sub, fmt, system, year, quick):
-    p = sub.add_parser("synth", help="write a small synthetic data set", formatter_class=fmt)
-    p.add_argument("--year", type=int, default=2020, help="file layout of this DCASE year")
-    p.add_argument("--out", default=str(data.DEFAULT_DATA_ROOT), help="data root to write")
-    p.add_argument("--machines", nargs="*", default=None, help="machine types (default: 3)")
-    p.add_argument("--n-train", type=int, default=20, help="training clips per section")
-    p.add_argument("--n-test", type=int, default=10, help="test clips per section/domain/label")
-    p.add_argument("--seed", type=int, default=0, help="seed of the generator")
-    p.set_defaults(func=cmd_synth)
-    p = sub.add_parser("demo", help="synthesise, train, test, evaluate (minutes, CPU)",
-                       formatter_class=fmt)
-    p.add_argument("--year", type=int, default=2022, help="DCASE year of the layout and metric")
-    p.add_argument("--system", default="auto", help="method; auto: the year's default")
-    p.add_argument("--out", default="demo", help="folder for the data, runs and cache")
-    p.add_argument("--force", action="store_true", help="overwrite an earlier demo's results")
-    p.add_argument("--n-train", type=int, default=20, help="training clips per section")
-    p.add_argument("--n-test", type=int, default=10, help="test clips per section/domain/label")
-    add_model_flags(p, system, year, quick)
-    p.set_defaults(func=cmd_demo, epochs=30, batch_size=64)   # small data: more steps
-    p = sub.add_parser("list", help="years, systems, or a year's machines and sections",
-                       formatter_class=fmt)
-    p.add_argument("what", choices=("years", "systems", "default-system", "machines", "sections"),
-                   help="default-system: the system --system auto picks for --year")
-    p.add_argument("--year", type=int, default=2020, help="DCASE year")
-    p.add_argument("--part", default="dev", choices=("dev", "eval"), help="dev or eval set")
-    p.set_defaults(func=cmd_list)
-    p = sub.add_parser("bench", help="benchmarks: 'features' (log-mel against librosa), "
-                       "'train' (a system's seconds per epoch and peak memory)",
-                       formatter_class=fmt)
-    p.add_argument("what", choices=("features", "train"), help="what to measure")
-    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of bench.py")
-    p.set_defaults(func=cmd_bench)
-
-
-def phase_one(argv):
-    """--system, --year and --quick of a train or demo command, read before the full parser is
-    built, since that parser holds only this system's flags: (system, year, quick). --system
-    auto is the year's default system, or the AE for --normal-dir (the default systems of
-    2020+ pre-train across machine types, and your own folder holds one). The other commands
-    need no system's flags: (None, 2020, False)."""
-    command = next((a for a in argv if not a.startswith("-")), None)
-    if command not in ("train", "demo"):
-        return None, 2020, False
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--system", default="auto")
-    pre.add_argument("--year", type=int, default=2022 if command == "demo" else 2020)
-    pre.add_argument("--quick", action="store_true")
-    pre.add_argument("--normal-dir", default=None)
-    known, _ = pre.parse_known_args(argv)
-    system = known.system
-    if system == "auto":     # your own machine: one folder of normals, which the AE needs alone
-        system = "ae" if known.normal_dir else data.get_year(known.year).system
-    systems.description(system)                     # an unknown name: error listing the valid
-    return system, known.year, known.quick
+COMMANDS = {"train": cmd_train, "score": cmd_score, "test": cmd_test, "evaluate": cmd_evaluate,
+            "download": cmd_download, "package": cmd_package, "synth": cmd_synth, "demo": cmd_demo,
+            "list": cmd_list, "bench": cmd_bench}
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     debug, log = "--debug" in argv, Log()
     try:
-        system, year, quick = phase_one(argv)
-        args = build_parser(system, year, quick).parse_args(argv)
+        system, year, quick = flags.phase_one(argv)
+        args = flags.build_parser(system, year, quick).parse_args(argv)
         args.log = log
         if system:
             args.system = system
@@ -712,7 +516,7 @@ def main(argv=None):
             args.system = data.get_year(args.year).system
         if args.command in ("train", "test", "score", "demo"):
             start_torch(getattr(args, "seed", 0), args.threads)
-        args.func(args)
+        COMMANDS[args.command](args)
     except (ValueError, OSError) as e:        # data, audio, scoring errors: one line, no trace
         if debug:
             raise

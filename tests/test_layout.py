@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import asd
+import flags
 import systems
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,20 +18,20 @@ LIBRARY = ("data", "features", "augment", "models", "losses", "train", "detector
 
 def parse(*argv):
     argv = [str(a) for a in argv]
-    return asd.build_parser(*asd.phase_one(argv)).parse_args(argv)
+    return flags.build_parser(*flags.phase_one(argv)).parse_args(argv)
 
 
 @pytest.mark.parametrize("name", list(systems.SYSTEMS))
 def test_every_own_keyword_has_a_flag_and_every_flag_a_keyword(name):
     cls = systems.get_system(name)
     own = systems.own_options(cls)
-    parser = asd.build_parser(name, 2020, False)
+    parser = flags.build_parser(name, 2020, False)
     train = parser._subparsers._group_actions[0].choices["train"]
     group = next(g for g in train._action_groups if g.title.startswith(f"{name}:"))
-    flags = {a.dest: a.default for a in group._group_actions}
-    assert set(flags) == set(own), (name, set(flags) ^ set(own))
+    defaults = {a.dest: a.default for a in group._group_actions}
+    assert set(defaults) == set(own), (name, set(defaults) ^ set(own))
     for key, default in own.items():          # the constructor's default is the flag's default
-        flag = flags[key]
+        flag = defaults[key]
         assert (list(flag) if isinstance(flag, (list, tuple)) else flag) == \
             (list(default) if isinstance(default, (list, tuple)) else default), key
 
@@ -57,8 +58,8 @@ def test_epochs_zero_is_honoured_and_explicit_flags_beat_quick():
 
 def test_year_default_system_and_unknown_names_give_one_line(capsys):
     assert parse("train", "--year", 2020).system == "auto"       # resolved in main
-    assert asd.phase_one(["train", "--year", "2020"])[0] == "shinmura2020"
-    assert asd.phase_one(["demo"])[:2] == ("ae", 2022)
+    assert flags.phase_one(["train", "--year", "2020"])[0] == "shinmura2020"
+    assert flags.phase_one(["demo"])[:2] == ("ae", 2022)
     for argv, message in ((["train", "--year", 2019], "unknown year 2019; valid: 2020, 2021"),
                           (["train", "--system", "nope"], "unknown system 'nope'; valid: ae"),
                           (["list", "machines", "--year", 2030], "unknown year 2030")):
@@ -100,3 +101,8 @@ def test_import_rules_of_the_design():
         assert imports_of(ROOT / f"{name}.py") <= {"numpy", "torch"}, name
     assert imports_of(ROOT / "train.py") <= {"contextlib", "time", "pathlib", "torch", "data"}
     assert not (ROOT / "systems.py").exists()
+
+
+def test_every_subcommand_has_its_function():
+    sub = next(a for a in flags.build_parser()._actions if a.dest == "command")
+    assert set(sub.choices) == set(asd.COMMANDS)

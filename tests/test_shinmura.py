@@ -12,6 +12,7 @@ import torch
 import asd
 import augment
 import features
+import flags
 import losses
 import models
 import scoring
@@ -214,7 +215,7 @@ def test_pretraining_pool_comes_from_the_cli(tmp_path):
     """The pool is every machine type's training clips in the folder the run trains from (the
     dev folder for a 2020 eval run), and the system pre-trains on exactly the pool it is given."""
     synth.synthesize(tmp_path / "data", year=2020, machines=["valve", "fan"], n_train=2, n_test=1)
-    args = asd.build_parser("shinmura2020", 2020, False).parse_args(
+    args = flags.build_parser("shinmura2020", 2020, False).parse_args(
         ["train", "--machine", "valve", "--data-root", str(tmp_path / "data")])
     pool = asd.pretrain_pool(args)
     assert {c.machine for c in pool} == {"valve", "fan"} and len(pool) == 2 * 2 * 2
