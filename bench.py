@@ -150,10 +150,9 @@ def stage_steps(settings: dict, *, fast: bool) -> list:
         spec_power = re_im[..., 0] + re_im[..., 1]
         return spec_power if power == 2.0 else spec_power.pow_(power / 2)
 
-    def log_in_place(mel):  # (b, n_mels, T) view -> (b, n_mels, T)
-        out = torch.empty(mel.shape)
-        floor(mel, out=out)
-        return out.log10_().mul_(20.0 / power)
+    def log_in_place(mel):  # (b, n_mels, T) view of (n_mels, b * T) -> (b, n_mels, T)
+        floor(mel, out=mel)
+        return mel.log10_().mul_(20.0 / power).contiguous()
 
     rfft = ("rfft", lambda frames: torch.fft.rfft(frames, dim=-1))  # (b, T, n_bins)
     if fast:  # the ends padded only (features._centred_frames), no step of its own
@@ -161,8 +160,8 @@ def stage_steps(settings: dict, *, fast: bool) -> list:
                                                               window=window)),  # (b, T, n_fft)
                 rfft,
                 ("power", power_in_place),
-                         ("mel product", lambda p: F.mel_banded(p, blocks, n_mels=s["n_mels"]).mT),
-                         ("floor, log", log_in_place)]
+                ("mel product", lambda p: F.mel_banded(p, blocks, n_mels=s["n_mels"])),
+                ("floor, log", log_in_place)]
     return [("pad", lambda x: torch.nn.functional.pad(x[:, None], (pad, pad), mode=s["pad_mode"])[:, 0]),
             ("frame, window", lambda x: x.unfold(-1, n_fft, hop) * window),  # (b, T, n_fft)
             rfft,

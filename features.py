@@ -49,11 +49,10 @@ N_MELS = 128  # mel bands
 POWER = 2.0  # exponent on |STFT|: 2.0 is a power spectrogram
 N_FRAMES = 5  # consecutive frames stacked into one AE input vector (5 * 128 = 640 dims)
 EPS = sys.float_info.epsilon  # 2.2e-16, the baselines' log floor
-# mel filters per block of log_mel's banded filterbank product. ms per 7.9-s clip of the product
-# alone (timed outside bench.py), one thread: block 8: 0.28, 12: 0.15, 16: 0.088, 24: 0.14,
-# 32: 0.12, dense: 0.36. MKL's kernels favour outputs 16 columns wide; block 16 does 13% of the
-# dense product's multiplications.
 PROGRESS_S = 5.0  # s between progress lines of a long check or feature extraction
+# mel filters per block of log_mel's banded filterbank product. ms per 10-s clip of the product
+# and the log, batches of 4, one thread (timed outside bench.py, min of 20 runs): block 8: 0.188,
+# 16: 0.192, 32: 0.235, 64: 0.345. Block 16 does 13% of the dense product's multiplications.
 MEL_BLOCK = 16
 
 MEL_BREAK_HZ = 1000.0  # Hz, Slaney scale: linear below, logarithmic above
@@ -235,13 +234,6 @@ def _centred_frames(x, *, n_fft: int, hop: int, pad_mode: str, window) -> torch.
     tail = padded(x[..., last * hop - pad:], 0, pad)           # frames last..n_frames - 1
     torch.mul(tail.unfold(-1, n_fft, hop)[..., 1:, :], window, out=frames[..., last + 1:, :])
     return frames
-    inner = x[..., first * hop - pad:last * hop - pad + n_fft]  # frames first..last, a view
-    torch.mul(inner.unfold(-1, n_fft, hop), window, out=frames[..., first:last + 1, :])
-    head = padded(x[..., :(first - 1) * hop + n_fft - pad], pad, 0)  # frames 0..first-1
-    torch.mul(head.unfold(-1, n_fft, hop), window, out=frames[..., :first, :])
-    tail = padded(x[..., (last + 1) * hop - pad:], 0, pad)           # frames last+1..end
-    torch.mul(tail.unfold(-1, n_fft, hop), window, out=frames[..., last + 1:, :])
-    return frames
 
 
 def hz_to_mel(freqs, *, htk: bool = False) -> np.ndarray:
@@ -305,28 +297,32 @@ def _mel_tensor(sr, n_fft, n_mels, fmin, fmax, dtype, device) -> torch.Tensor:
 def _mel_blocks(sr, n_fft, n_mels, fmin, fmax, dtype, device, block=MEL_BLOCK) -> tuple:
     """_mel_tensor cut into blocks of `block` consecutive filters, each trimmed to the FFT bins
     its filters cover: ((first_mel, end_mel, first_bin, end_bin, weights), ...), weights
-    (end_bin - first_bin, end_mel - first_mel), ready for power @ weights. Cached the same way."""
+    (end_mel - first_mel, end_bin - first_bin), ready for weights @ power.mT. Cached the same way."""
     fb = _mel_tensor(sr, n_fft, n_mels, fmin, fmax, dtype, device)  # (n_mels, n_bins)
     blocks = []
     for m0 in range(0, n_mels, block):
         m1 = min(m0 + block, n_mels)
         covered = fb[m0:m1].any(dim=0).nonzero()  # (n_covered, 1), bins some filter weighs
         k0, k1 = (int(covered[0]), int(covered[-1]) + 1) if len(covered) else (0, 0)
-        blocks.append((m0, m1, k0, k1, fb[m0:m1, k0:k1].mT.contiguous()))
+        blocks.append((m0, m1, k0, k1, fb[m0:m1, k0:k1].contiguous()))
     return tuple(blocks)
 
 
 def mel_banded(spec_power, blocks, *, n_mels: int) -> torch.Tensor:
-    """spec_power @ filterbank.T, block by block over the bins each block covers (_mel_blocks).
+    """filterbank @ spec_power.mT, block by block over the bins each block covers (_mel_blocks).
 
-    Equal to the dense product to float rounding: only the order of the sums changes.
-    spec_power: (..., T, n_bins). Returns (..., T, n_mels).
+    Equal to the dense product to float rounding: only the order of the sums changes. Every
+    clip's frames are one (n_bins, N) operand, and the product is written in (n_mels, N) order:
+    the matrix product takes its operands transposed at no cost, where turning (N, n_mels) into
+    (n_mels, T) afterwards took a strided pass (6% of log_mel, bench.py --stages).
+    spec_power: (..., T, n_bins). Returns (..., n_mels, T), a view of one (n_mels, N) tensor
+    (contiguous for a single clip; .contiguous() moves whole rows of T frames).
     """
     flat = spec_power.reshape(-1, spec_power.shape[-1])  # (N, n_bins), N = frames of all clips
-    mel = flat.new_empty(flat.shape[0], n_mels)  # (N, n_mels)
+    mel = flat.new_empty(n_mels, flat.shape[0])  # (n_mels, N)
     for m0, m1, k0, k1, weights in blocks:
-        torch.matmul(flat[:, k0:k1], weights, out=mel[:, m0:m1])  # (N, end_mel - first_mel)
-    return mel.reshape(*spec_power.shape[:-1], n_mels)  # (..., T, n_mels)
+        torch.matmul(weights, flat[:, k0:k1].mT, out=mel[m0:m1])  # (end_mel - first_mel, N)
+    return mel.reshape(n_mels, *spec_power.shape[:-1]).movedim(0, -2)  # (..., n_mels, T)
 
 
 def log_mel(x, *, sr: int, n_fft: int, hop: int, n_mels: int, power: float = 2.0,
@@ -350,15 +346,11 @@ def log_mel(x, *, sr: int, n_fft: int, hop: int, n_mels: int, power: float = 2.0
         spec_power.pow_(power / 2)
     # banded: each block of MEL_BLOCK filters touches only its own bins, 1/8 of the dense product
     blocks = _mel_blocks(sr, n_fft, n_mels, fmin, fmax, spec_power.dtype, spec_power.device)
-    mel = mel_banded(spec_power, blocks, n_mels=n_mels).mT  # (..., n_mels, T), a view
+    mel = mel_banded(spec_power, blocks, n_mels=n_mels)  # (..., n_mels, T), a view
     # the floor keeps silent frames finite; the baselines' eps is far below any real level.
-    # Floored straight into (..., n_mels, T) order, so the transposition costs no pass of its own
-    out = torch.empty(mel.shape, dtype=mel.dtype, device=mel.device)  # (..., n_mels, T)
-    if floor == "clip":
-        torch.clamp(mel, min=EPS, out=out)
-    else:
-        torch.add(mel, EPS, out=out)
-    return out.log10_().mul_(20.0 / power)  # (..., n_mels, T), log in place
+    # Floor and log in place, in the product's memory order; then whole rows move into place
+    mel = mel.clamp_(min=EPS) if floor == "clip" else mel.add_(EPS)
+    return mel.log10_().mul_(20.0 / power).contiguous()  # (..., n_mels, T)
 
 
 def log_mel_reference(x, *, sr: int, n_fft: int, hop: int, n_mels: int, power: float = 2.0,
