@@ -145,22 +145,32 @@ def stage_steps(settings: dict, *, fast: bool) -> list:
             return torch.clamp(mel, min=F.EPS, out=out)
         return torch.add(mel, F.EPS, out=out)
 
+    def frames_into_scratch(x):  # (b, n_samples) -> (b, T, n_fft)
+        n_frames = 1 + x.shape[-1] // hop
+        out = F._scratch("frames", (*x.shape[:-1], n_frames, n_fft), x.dtype, x.device)
+        return F._centred_frames(x, n_fft=n_fft, hop=hop, pad_mode=s["pad_mode"], window=window, out=out)
+
+    def rfft_into_scratch(frames):  # (b, T, n_fft) -> (b, T, n_bins) complex
+        out = F._scratch("spectrum", (*frames.shape[:-1], n_fft // 2 + 1), torch.complex64, frames.device)
+        return torch.fft.rfft(frames, dim=-1, out=out)
+
     def power_in_place(spec):  # (b, T, n_bins) complex -> (b, T, n_bins)
         re_im = torch.view_as_real(spec).square_()
-        spec_power = re_im[..., 0] + re_im[..., 1]
+        spec_power = torch.add(re_im[..., 0], re_im[..., 1],
+                               out=F._scratch("power", spec.shape, re_im.dtype, re_im.device))
         return spec_power if power == 2.0 else spec_power.pow_(power / 2)
 
     def log_in_place(mel):  # (b, n_mels, T) view of (n_mels, b * T) -> (b, n_mels, T)
-        floor(mel, out=mel)
-        return mel.log10_().mul_(20.0 / power).contiguous()
+        out = torch.empty(mel.shape)
+        floor(mel, out=out)
+        return out.log10_().mul_(20.0 / power)
 
     rfft = ("rfft", lambda frames: torch.fft.rfft(frames, dim=-1))  # (b, T, n_bins)
     if fast:  # the ends padded only (features._centred_frames), no step of its own
-        return [("frame, window", lambda x: F._centred_frames(x, n_fft=n_fft, hop=hop, pad_mode=s["pad_mode"],
-                                                              window=window)),  # (b, T, n_fft)
-                rfft,
+        return [("frame, window", frames_into_scratch),
+                ("rfft", rfft_into_scratch),
                 ("power", power_in_place),
-                ("mel product", lambda p: F.mel_banded(p, blocks, n_mels=s["n_mels"])),
+                ("mel product", lambda p: F.mel_banded(p, blocks, n_mels=s["n_mels"], scratch=True)),
                 ("floor, log", log_in_place)]
     return [("pad", lambda x: torch.nn.functional.pad(x[:, None], (pad, pad), mode=s["pad_mode"])[:, 0]),
             ("frame, window", lambda x: x.unfold(-1, n_fft, hop) * window),  # (b, T, n_fft)

@@ -31,6 +31,7 @@ import math
 import os
 import struct
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -54,6 +55,12 @@ PROGRESS_S = 5.0  # s between progress lines of a long check or feature extracti
 # and the log, batches of 4, one thread (timed outside bench.py, min of 20 runs): block 8: 0.188,
 # 16: 0.192, 32: 0.235, 64: 0.345. Block 16 does 13% of the dense product's multiplications.
 MEL_BLOCK = 16
+# log_mel's intermediates (frames, spectrum, power, mel: ~3.3 MB per 10-s clip in float32) are
+# written into buffers kept between calls (_scratch), up to this size each; larger ones are
+# allocated afresh. Fresh buffers of that size come from the system as new pages on every call
+# (glibc's malloc hands memory of this size back on free), and faulting them in took up to
+# 2400 page faults and 1.2 ms per 4-clip call, more than half of log_mel's time.
+SCRATCH_MAX_BYTES = 256 * 2 ** 20
 
 MEL_BREAK_HZ = 1000.0  # Hz, Slaney scale: linear below, logarithmic above
 MEL_LINEAR_HZ = 200.0 / 3  # Hz per mel below the break (Slaney)
@@ -185,6 +192,15 @@ def stft(x, *, n_fft: int, hop: int, center: bool = True, pad_mode: str = "const
     "reflect" mirrors the signal (librosa < 0.10). window: only "hann" (periodic).
     Returns complex (..., n_fft // 2 + 1, n_frames), n_frames = 1 + (n_padded - n_fft) // hop.
     """
+    return _spectrum(x, n_fft=n_fft, hop=hop, center=center, pad_mode=pad_mode,
+                     window=window).transpose(-1, -2)  # (..., n_fft // 2 + 1, n_frames)
+
+
+def _spectrum(x, *, n_fft: int, hop: int, center: bool = True, pad_mode: str = "constant",
+              window: str = "hann", scratch: bool = False) -> torch.Tensor:
+    """stft in frame order: complex (..., n_frames, n_fft // 2 + 1). scratch: the frames and the
+    spectrum are written into _scratch buffers, and the result is valid until this thread's
+    next call with scratch (log_mel's use)."""
     if window != "hann":
         raise ValueError(f"window {window!r} is not supported; valid: 'hann'")
     if pad_mode not in ("constant", "reflect"):
@@ -193,30 +209,53 @@ def stft(x, *, n_fft: int, hop: int, center: bool = True, pad_mode: str = "const
     n_samples = x.shape[-1]
     if center and pad_mode == "reflect" and n_samples <= n_fft // 2:
         raise ValueError(f"reflect padding needs more than {n_fft // 2} samples, got {n_samples}")
-    if (n_samples + 2 * (n_fft // 2) if center else n_samples) < n_fft:
+    n_padded = n_samples + 2 * (n_fft // 2) if center else n_samples
+    if n_padded < n_fft:
         raise ValueError(f"signal of {n_samples} samples is shorter than one frame of {n_fft}")
     window = _hann(n_fft, dtype=x.dtype, device=x.device)
+    shape = (*x.shape[:-1], 1 + (n_padded - n_fft) // hop, n_fft)  # (..., n_frames, n_fft)
+    frames = _scratch("frames", shape, x.dtype, x.device) if scratch else x.new_empty(shape)
     if center:
-        frames = _centred_frames(x, n_fft=n_fft, hop=hop, pad_mode=pad_mode, window=window)
+        _centred_frames(x, n_fft=n_fft, hop=hop, pad_mode=pad_mode, window=window, out=frames)
     else:
-        frames = x.unfold(-1, n_fft, hop) * window  # (..., n_frames, n_fft)
-    return torch.fft.rfft(frames, dim=-1).transpose(-1, -2)  # (..., n_fft // 2 + 1, n_frames)
+        torch.mul(x.unfold(-1, n_fft, hop), window, out=frames)
+    if not scratch:
+        return torch.fft.rfft(frames, dim=-1)  # (..., n_frames, n_fft // 2 + 1)
+    spec = _scratch("spectrum", (*shape[:-1], n_fft // 2 + 1), x.dtype.to_complex(), x.device)
+    return torch.fft.rfft(frames, dim=-1, out=spec)
 
 
-def _centred_frames(x, *, n_fft: int, hop: int, pad_mode: str, window) -> torch.Tensor:
+_SCRATCH = threading.local()  # per thread: {name: flat buffer}
+
+
+def _scratch(name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor of `shape` that reuses this thread's buffer `name` (grown as
+    needed) on the CPU: see SCRATCH_MAX_BYTES. On other devices, or above that size, a fresh one
+    (CUDA's caching allocator already reuses its memory). Valid until the next call for `name`."""
+    n = math.prod(shape)
+    if torch.device(device).type != "cpu" or n * dtype.itemsize > SCRATCH_MAX_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    buf = buffers.get(name)
+    if buf is None or buf.dtype != dtype or buf.numel() < n:
+        buf = buffers[name] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
+def _centred_frames(x, *, n_fft: int, hop: int, pad_mode: str, window, out=None) -> torch.Tensor:
     """Windowed frames of x padded by n_fft // 2 on both sides, frame t centred on sample t * hop.
 
     Edge-only padding: only the first and last few frames reach into the padding, so only the
     signal's two ends are padded (a few n_fft samples); the inner frames are windowed straight
     from the signal. Padding the whole signal first would copy every sample once more (~8% of
     log_mel, bench.py --stages). Equal to unfold(pad(x)) * window exactly (tests: stft vs librosa).
-    Returns (..., n_frames, n_fft).
+    out: the (..., n_frames, n_fft) tensor to write them into (None: a new one). Returns it.
     """
     n, pad = x.shape[-1], n_fft // 2
     n_frames = 1 + (n + 2 * pad - n_fft) // hop
     first = -(-pad // hop)                 # first frame that starts inside the signal
     last = (n + pad - n_fft) // hop        # last frame that ends inside the signal
-    frames = x.new_empty(*x.shape[:-1], n_frames, n_fft)  # (..., n_frames, n_fft)
+    frames = x.new_empty(*x.shape[:-1], n_frames, n_fft) if out is None else out
 
     def padded(piece, left, right):        # F.pad's reflect mode wants (N, C, W)
         out = torch.nn.functional.pad(piece.reshape(-1, 1, piece.shape[-1]), (left, right), mode=pad_mode)
@@ -308,7 +347,7 @@ def _mel_blocks(sr, n_fft, n_mels, fmin, fmax, dtype, device, block=MEL_BLOCK) -
     return tuple(blocks)
 
 
-def mel_banded(spec_power, blocks, *, n_mels: int) -> torch.Tensor:
+def mel_banded(spec_power, blocks, *, n_mels: int, scratch: bool = False) -> torch.Tensor:
     """filterbank @ spec_power.mT, block by block over the bins each block covers (_mel_blocks).
 
     Equal to the dense product to float rounding: only the order of the sums changes. Every
@@ -316,10 +355,12 @@ def mel_banded(spec_power, blocks, *, n_mels: int) -> torch.Tensor:
     the matrix product takes its operands transposed at no cost, where turning (N, n_mels) into
     (n_mels, T) afterwards took a strided pass (6% of log_mel, bench.py --stages).
     spec_power: (..., T, n_bins). Returns (..., n_mels, T), a view of one (n_mels, N) tensor
-    (contiguous for a single clip; .contiguous() moves whole rows of T frames).
+    (contiguous for a single clip; .contiguous() moves whole rows of T frames). scratch: that
+    tensor is a _scratch buffer.
     """
     flat = spec_power.reshape(-1, spec_power.shape[-1])  # (N, n_bins), N = frames of all clips
-    mel = flat.new_empty(n_mels, flat.shape[0])  # (n_mels, N)
+    shape = (n_mels, flat.shape[0])  # (n_mels, N)
+    mel = _scratch("mel", shape, flat.dtype, flat.device) if scratch else flat.new_empty(shape)
     for m0, m1, k0, k1, weights in blocks:
         torch.matmul(weights, flat[:, k0:k1].mT, out=mel[m0:m1])  # (end_mel - first_mel, N)
     return mel.reshape(n_mels, *spec_power.shape[:-1]).movedim(0, -2)  # (..., n_mels, T)
@@ -337,20 +378,26 @@ def log_mel(x, *, sr: int, n_fft: int, hop: int, n_mels: int, power: float = 2.0
     """
     if floor not in ("clip", "add"):
         raise ValueError(f"floor {floor!r} is not supported; valid: 'clip', 'add'")
-    spec = stft(x, n_fft=n_fft, hop=hop, center=True, pad_mode=pad_mode).mT  # (..., T, n_bins)
+    # every intermediate is a _scratch buffer: fresh pages for them cost more than the arithmetic
+    spec = _spectrum(x, n_fft=n_fft, hop=hop, pad_mode=pad_mode, scratch=True)  # (..., T, n_bins)
     # |X| ** power from re**2 + im**2: abs() would take a square root that power then undoes.
     # In place: re and im squared inside the FFT's own buffer, then one add (2 passes, not 4)
     re_im = torch.view_as_real(spec).square_()  # (..., T, n_bins, 2)
-    spec_power = re_im[..., 0] + re_im[..., 1]  # (..., T, n_bins)
+    spec_power = torch.add(re_im[..., 0], re_im[..., 1],
+                           out=_scratch("power", spec.shape, re_im.dtype, re_im.device))
     if power != 2.0:
         spec_power.pow_(power / 2)
     # banded: each block of MEL_BLOCK filters touches only its own bins, 1/8 of the dense product
     blocks = _mel_blocks(sr, n_fft, n_mels, fmin, fmax, spec_power.dtype, spec_power.device)
-    mel = mel_banded(spec_power, blocks, n_mels=n_mels)  # (..., n_mels, T), a view
+    mel = mel_banded(spec_power, blocks, n_mels=n_mels, scratch=True)  # (..., n_mels, T), a view
     # the floor keeps silent frames finite; the baselines' eps is far below any real level.
-    # Floor and log in place, in the product's memory order; then whole rows move into place
-    mel = mel.clamp_(min=EPS) if floor == "clip" else mel.add_(EPS)
-    return mel.log10_().mul_(20.0 / power).contiguous()  # (..., n_mels, T)
+    # The floor writes the result (whole rows of T frames move into place), the log is in place
+    out = torch.empty(mel.shape, dtype=mel.dtype, device=mel.device)  # (..., n_mels, T)
+    if floor == "clip":
+        torch.clamp(mel, min=EPS, out=out)
+    else:
+        torch.add(mel, EPS, out=out)
+    return out.log10_().mul_(20.0 / power)  # (..., n_mels, T)
 
 
 def log_mel_reference(x, *, sr: int, n_fft: int, hop: int, n_mels: int, power: float = 2.0,

@@ -107,6 +107,32 @@ def test_log_mel_equals_the_plain_reference(year, power):
         torch.testing.assert_close(ours, plain, rtol=0, atol=atol)
 
 
+def test_log_mel_results_never_share_its_scratch_buffers():
+    """log_mel writes its intermediates into buffers kept between calls (_scratch); a result
+    must stay as it was after later calls of every shape, batched or single, and must equal a
+    call that grew the buffers first (the reused memory holds the previous call's data)."""
+    settings = F.log_mel_settings(2023)
+    long, short = machine_like(1.5, seed=0), machine_like(0.7, seed=1)
+    first = [F.log_mel(x, **settings) for x in (long, np.stack([long, long]), short)]
+    kept = [r.clone() for r in first]
+    for x in (short, np.stack([short, short, short]), long):
+        F.log_mel(x, **settings)
+    assert all(torch.equal(r, k) for r, k in zip(first, kept))
+    assert torch.equal(F.log_mel(short, **settings), kept[2])
+
+
+def test_scratch_buffers_are_reused_per_name_and_grow():
+    cpu = torch.device("cpu")
+    a = F._scratch("test", (3, 4), torch.float32, cpu)
+    assert F._scratch("test", (2, 5), torch.float32, cpu).data_ptr() == a.data_ptr()
+    assert F._scratch("other", (3, 4), torch.float32, cpu).data_ptr() != a.data_ptr()
+    big = F._scratch("test", (40, 40), torch.float32, cpu)      # grown: a new buffer, kept
+    assert big.shape == (40, 40) and F._scratch("test", (5,), torch.float32, cpu).data_ptr() == big.data_ptr()
+    huge = (F.SCRATCH_MAX_BYTES // 4 + 1,)                      # above the cap: fresh each time
+    assert F._scratch("test", huge, torch.float32, cpu).data_ptr() != big.data_ptr()
+    assert F._scratch("test", (5,), torch.float32, cpu).data_ptr() == big.data_ptr()
+
+
 def test_mel_filterbank_warns_on_empty_filters_like_librosa():
     with pytest.warns(UserWarning, match="Empty filters"):
         F.mel_filterbank(sr=16000, n_fft=256, n_mels=128)
