@@ -150,10 +150,6 @@ def stage_steps(settings: dict, *, fast: bool) -> list:
         out = F._scratch("frames", (*x.shape[:-1], n_frames, n_fft), x.dtype, x.device)
         return F._centred_frames(x, n_fft=n_fft, hop=hop, pad_mode=s["pad_mode"], window=window, out=out)
 
-    def rfft_into_scratch(frames):  # (b, T, n_fft) -> (b, T, n_bins) complex
-        out = F._scratch("spectrum", (*frames.shape[:-1], n_fft // 2 + 1), torch.complex64, frames.device)
-        return torch.fft.rfft(frames, dim=-1, out=out)
-
     def power_in_place(spec):  # (b, T, n_bins) complex -> (b, T, n_bins)
         re_im = torch.view_as_real(spec).square_()
         spec_power = torch.add(re_im[..., 0], re_im[..., 1],
@@ -168,7 +164,7 @@ def stage_steps(settings: dict, *, fast: bool) -> list:
     rfft = ("rfft", lambda frames: torch.fft.rfft(frames, dim=-1))  # (b, T, n_bins)
     if fast:  # the ends padded only (features._centred_frames), no step of its own
         return [("frame, window", frames_into_scratch),
-                ("rfft", rfft_into_scratch),
+                rfft,
                 ("power", power_in_place),
                 ("mel product", lambda p: F.mel_banded(p, blocks, n_mels=s["n_mels"], scratch=True)),
                 ("floor, log", log_in_place)]

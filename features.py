@@ -55,11 +55,11 @@ PROGRESS_S = 5.0  # s between progress lines of a long check or feature extracti
 # and the log, batches of 4, one thread (timed outside bench.py, min of 20 runs): block 8: 0.188,
 # 16: 0.192, 32: 0.235, 64: 0.345. Block 16 does 13% of the dense product's multiplications.
 MEL_BLOCK = 16
-# log_mel's intermediates (frames, spectrum, power, mel: ~3.3 MB per 10-s clip in float32) are
-# written into buffers kept between calls (_scratch), up to this size each; larger ones are
-# allocated afresh. Fresh buffers of that size come from the system as new pages on every call
-# (glibc's malloc hands memory of this size back on free), and faulting them in took up to
-# 2400 page faults and 1.2 ms per 4-clip call, more than half of log_mel's time.
+# log_mel's intermediates (frames, power, mel: ~2 MB per 10-s clip in float32) are written
+# into buffers kept between calls (_scratch), up to this size each; larger ones are allocated
+# afresh. Fresh buffers of that size can come from the system as new pages on every call
+# (glibc's malloc may hand memory of this size back on free): up to 2400 page faults and
+# 1.2 ms per 4-clip call, more than half of log_mel's time, in some runs.
 SCRATCH_MAX_BYTES = 256 * 2 ** 20
 
 MEL_BREAK_HZ = 1000.0  # Hz, Slaney scale: linear below, logarithmic above
@@ -198,9 +198,9 @@ def stft(x, *, n_fft: int, hop: int, center: bool = True, pad_mode: str = "const
 
 def _spectrum(x, *, n_fft: int, hop: int, center: bool = True, pad_mode: str = "constant",
               window: str = "hann", scratch: bool = False) -> torch.Tensor:
-    """stft in frame order: complex (..., n_frames, n_fft // 2 + 1). scratch: the frames and the
-    spectrum are written into _scratch buffers, and the result is valid until this thread's
-    next call with scratch (log_mel's use)."""
+    """stft in frame order: complex (..., n_frames, n_fft // 2 + 1). scratch: the frames are
+    written into a _scratch buffer (log_mel's use). The spectrum is always new: rfft's out=
+    computes into a new tensor and then copies (0.34 -> 0.42 ms per clip, one thread)."""
     if window != "hann":
         raise ValueError(f"window {window!r} is not supported; valid: 'hann'")
     if pad_mode not in ("constant", "reflect"):
@@ -219,10 +219,7 @@ def _spectrum(x, *, n_fft: int, hop: int, center: bool = True, pad_mode: str = "
         _centred_frames(x, n_fft=n_fft, hop=hop, pad_mode=pad_mode, window=window, out=frames)
     else:
         torch.mul(x.unfold(-1, n_fft, hop), window, out=frames)
-    if not scratch:
-        return torch.fft.rfft(frames, dim=-1)  # (..., n_frames, n_fft // 2 + 1)
-    spec = _scratch("spectrum", (*shape[:-1], n_fft // 2 + 1), x.dtype.to_complex(), x.device)
-    return torch.fft.rfft(frames, dim=-1, out=spec)
+    return torch.fft.rfft(frames, dim=-1)  # (..., n_frames, n_fft // 2 + 1)
 
 
 _SCRATCH = threading.local()  # per thread: {name: flat buffer}
