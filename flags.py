@@ -7,6 +7,7 @@ import argparse
 
 import data
 import download
+import synth
 import systems
 
 DESCRIPTION = "asd: unsupervised anomalous sound detection, the DCASE Task 2 systems of 2020-2025."
@@ -156,6 +157,11 @@ def add_data_parsers(sub, fmt, system, year, quick):
     p.add_argument("--n-train", type=int, default=20, help="training clips per section")
     p.add_argument("--n-test", type=int, default=10, help="test clips per section/domain/label")
     p.add_argument("--seed", type=int, default=0, help="seed of the generator")
+    p.add_argument("--sections", type=int, default=2,
+                   help="sections (machine IDs) per machine type and part, the first ones")
+    p.add_argument("--anomalies", default=",".join(synth.ANOMALIES),
+                   help="comma-separated kinds an anomalous clip draws from: "
+                        f"{', '.join(synth.ANOMALIES)}")
     p = sub.add_parser("demo", help="synthesise, train, test, evaluate (minutes, CPU)",
                        formatter_class=fmt)
     p.add_argument("--year", type=int, default=2022, help="DCASE year of the layout and metric")

@@ -11,8 +11,10 @@ gets anonymised test names (in shuffled order) and the ground truth in each year
 On request (n_attributes > 1) each section's clips take turns among several operating
 conditions, heard as a speed 4% higher per step (pitch and event rate) and named in the attribute
 string, hidden where the year's table says noAttribute: Midea 2024's pseudo-attributes must
-find them. 2025 sets can get supplemental/ normal clips (n_supplemental). Both default off,
-and then every year's files are the same bytes as before they existed.
+find them. 2025 sets can get supplemental/ normal clips (n_supplemental). A set can have more
+sections than the first two (n_sections), and its anomalies can be drawn from fewer kinds
+(anomalies). All default off, and then every year's files are the same bytes as before they
+existed.
 
 Not modelled: reverberation, microphone colouring, the real machines' spectra. The point is a
 data set where a working detector must score near 1 and a broken one near 0.5.
@@ -30,6 +32,7 @@ EVENTS = {"clicks": 0, "bursts": 1, "sweep": 2}
 TARGET_SPEED = 1.12     # target domain: 12% faster
 TARGET_NOISE_DB = 6.0   # and 6 dB more noise
 ATTRIBUTE_SPEED = 0.04  # operating condition a: (1 + 0.04 a) times faster
+ANOMALIES = ("tone", "impulses", "harmonic")   # the kinds machine_sound can add
 
 
 def machine_sound(rng, *, kind, f0, speed=1.0, noise_db=-30.0, anomaly=None, seconds=SECONDS):
@@ -85,13 +88,15 @@ def write_clip(path, x):
 
 
 def synthesize(out, *, year, machines=None, n_train=20, n_test=10, seed=0, eval_part=True,
-               n_attributes=1, n_supplemental=0):
+               n_attributes=1, n_supplemental=0, n_sections=2, anomalies=ANOMALIES):
     """Write a small data set for `year` below out/dcase<YEAR>/: dev_data and eval_data, the
     latter with anonymised test names and the organisers' ground truth in that year's format.
     n_train: normal training clips per section (2021+: 1 in 10 of them target domain);
     n_test: test clips per section, domain and label; n_attributes: operating conditions that
     clip i takes as i % n_attributes (2021+); n_supplemental: normal clips per section in
-    supplemental/ (years that have that folder). Returns the number of files written."""
+    supplemental/ (years that have that folder); n_sections: the first sections (machine IDs) of
+    each machine type and part that get clips; anomalies: the kinds an anomalous clip draws from
+    (ANOMALIES). Returns the number of files written."""
     spec = data.get_year(year)
     machines = machines or default_machines(year)
     count, list_2020 = 0, {}
@@ -99,11 +104,11 @@ def synthesize(out, *, year, machines=None, n_train=20, n_test=10, seed=0, eval_
         for part in ("dev", "eval") if eval_part else ("dev",):
             if machine not in (spec.dev if part == "dev" else spec.eval):
                 continue
-            for section in spec.sections(machine, part)[:2]:
+            for section in spec.sections(machine, part)[:n_sections]:
                 rng = np.random.default_rng([seed, year, zlib.crc32(machine.encode()),
                                              int(section), part == "eval"])
                 n, truth = _write_section(out, rng, spec, machine, section, part, n_train, n_test,
-                                          n_attributes)
+                                          n_attributes, anomalies)
                 count += n
                 if n_supplemental and "supplemental" in spec.extra_dirs:
                     count += _write_supplemental(out, spec, machine, section, part,
@@ -138,7 +143,8 @@ def anonymous_name(year, section, domain, k):
     return f"section_{section}_{k:04d}.wav"
 
 
-def _write_section(out, rng, spec, machine, section, part, n_train, n_test, n_attributes=1):
+def _write_section(out, rng, spec, machine, section, part, n_train, n_test, n_attributes=1,
+                   anomalies=None):
     """Write one section's clips; returns (count, truth rows of its anonymised test clips:
     (anonymous name, label, domain, full name))."""
     root = data.part_dir(out, spec.year, part) / machine
@@ -161,7 +167,7 @@ def _write_section(out, rng, spec, machine, section, part, n_train, n_test, n_at
     truth = []
     for split, domain, label, i in plan:
         target = domain == "target"
-        anomaly = rng.choice(["tone", "impulses", "harmonic"]) if label == "anomaly" else None
+        anomaly = rng.choice(list(anomalies or ANOMALIES)) if label == "anomaly" else None
         speed = (TARGET_SPEED if target else 1.0) * (1 + ATTRIBUTE_SPEED * (i % n_attributes))
         x = machine_sound(rng, kind=kind, f0=f0, speed=speed,
                           noise_db=-30 + (TARGET_NOISE_DB if target else 0), anomaly=anomaly)

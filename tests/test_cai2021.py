@@ -17,6 +17,7 @@ import data
 import features
 import losses
 import models
+import scoring
 import synth
 import train
 from systems import cai2021
@@ -169,10 +170,13 @@ def trained(tmp_path_factory):
 
 
 def test_cai2021_on_synthetic_2021_data_reaches_auc_bar(trained):
-    """The jointly trained AE detects the source domain's anomalies, and the jointly trained
-    MobileNetV2 tells the sections apart. Eq. 3's own AUC is not asserted: on this set (two sections 10% apart in
-    pitch, the target domain 12% faster) it ranged from 0.53 to 0.73 (mean over the four
-    section-domain cells) between runs; see the note of issue 10."""
+    """The jointly trained AE detects the source domain's anomalies, the jointly trained
+    MobileNetV2 tells the sections apart, and eq. 3 scores a clip unlike its section high.
+    Eq. 3's AUC on these anomalies is not asserted: here sections differ in pitch alone, and a
+    section classifier learns to hear pitch alone, which none of the anomalies moves. Its mean
+    source AUC (two sections) was 0.67-0.83 over 4 seeds; 0.68-0.91 over 7 seeds without the
+    tone anomalies (AUC 0.34-0.59 alone); 0.41-0.70 over 4 seeds with twice the training clips:
+    the better the classifier, the blinder to the rest (commands: the note of issue 10)."""
     assert asd.main(["evaluate", "--year", "2021", "--system", "cai2021",
                      "--data-root", trained / "data", "--out", trained / "runs"]) == 0
     result = json.loads((trained / "runs/dcase2021/cai2021/dev/results.json").read_text())
@@ -198,5 +202,12 @@ def test_cai2021_on_synthetic_2021_data_reaches_auc_bar(trained):
                  for m, t in zip(system.inputs(clips), system._targets(clips))]
         system.scoring = "cnn"                  # eq. 3 on the same clips: finite, a ranking
         eq3 = system.score(clips)
+        # eq. 3's premise: a clip unlike its own section scores high. Scored as the other
+        # section, the same normal clips must rank above themselves scored as their own (a sign
+        # error or a wrong class index would fail this; the bracket: the hand case above)
+        swapped = system._score(system.inputs(clips), [1 - t for t in system._targets(clips)])
     assert np.mean(right) >= 0.9, right
     assert np.isfinite(eq3).all() and len(set(eq3.round(6))) == len(eq3)
+    y = np.r_[np.zeros(len(eq3)), np.ones(len(swapped))]
+    assert scoring.roc_auc(y, np.r_[eq3, swapped]) >= 0.95, (eq3, swapped)
+    assert np.median(eq3) < 0 < np.median(swapped)      # p > 1/2 for the own class, < 1/2 else

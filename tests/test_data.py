@@ -3,6 +3,7 @@ ground-truth tables, the synthetic data sets; and the real clips of ../shared/da
 import collections
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import data
@@ -105,6 +106,29 @@ def test_synthesis_is_deterministic(tmp_path):
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.wav"))
     assert files and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
                          for f in files)
+
+
+def test_synth_command_writes_the_sections_and_anomaly_kinds_asked_for(tmp_path, capsys):
+    """`asd.py synth --sections 3 --anomalies tone`: three sections, and every anomalous clip
+    carries a 3-5 kHz tone (its band holds far more energy than in any normal clip)."""
+    import asd
+    import features
+    assert asd.main(["synth", "--year", 2021, "--out", tmp_path, "--machines", "valve",
+                     "--n-train", 2, "--n-test", 3, "--sections", 3, "--anomalies", "tone"]) == 0
+    clips = data.list_clips(data.part_dir(tmp_path, 2021, "dev"), year=2021, machine="valve",
+                            split="test")
+    assert sorted({c.section for c in clips}) == ["00", "01", "02"]
+
+    def band_share(path):                      # share of the energy between 3 and 5 kHz
+        power = np.abs(np.fft.rfft(features.load_wav(path))) ** 2
+        hz = np.fft.rfftfreq(2 * (len(power) - 1), 1 / synth.SR)
+        return power[(hz > 3000) & (hz < 5000)].sum() / power.sum()
+    share = {label: [band_share(c.path) for c in clips if c.label == label]
+             for label in ("normal", "anomaly")}
+    assert min(share["anomaly"]) > 10 * max(share["normal"]), share
+    for bad in (["--anomalies", "hum"], ["--anomalies", ""], ["--sections", 0]):
+        assert asd.main(["synth", "--year", 2021, "--out", tmp_path / "x", *bad]) == 2
+        assert "anomalies must be some of tone, impulses, harmonic" in capsys.readouterr().err
 
 
 def test_missing_ground_truth_row_names_the_clip(tmp_path):
