@@ -6,8 +6,9 @@ on the GPU. The mel filterbank follows librosa.filters.mel (Slaney scale and are
 default, HTK on request). The baselines changed twice between years (reflect -> zero centre
 padding with librosa 0.10, `S + eps` -> `max(S, eps)` in 2021): LOG_MEL_BY_YEAR records it.
 
-log_mel takes three shortcuts, each named where it happens and timed by `bench.py --stages`:
-the power computed in place, a banded filterbank product, the floor and log in place.
+log_mel takes four shortcuts, each named where it happens and timed by `bench.py --stages`:
+the power computed in place, a banded filterbank product written in (mel, frame) order, the
+floor and log in place, and intermediates in buffers kept between calls (_scratch).
 log_mel_reference is the plain path it is tested against (equal to float32 rounding).
 
 Agreement with librosa 0.11 in float32 (tests/test_features.py asserts the bounds): filterbank
