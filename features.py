@@ -223,7 +223,7 @@ def _spectrum(x, *, n_fft: int, hop: int, center: bool = True, pad_mode: str = "
     return torch.fft.rfft(frames, dim=-1)  # (..., n_frames, n_fft // 2 + 1)
 
 
-_SCRATCH = threading.local()  # per thread: {name: flat buffer}
+_SCRATCH = threading.local()  # per thread: .buffers = {name: (flat buffer, shape, view)}
 
 
 def _scratch(name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -97,6 +97,10 @@ def synthesize(out, *, year, machines=None, n_train=20, n_test=10, seed=0, eval_
     supplemental/ (years that have that folder); n_sections: the first sections (machine IDs) of
     each machine type and part that get clips; anomalies: the kinds an anomalous clip draws from
     (ANOMALIES). Returns the number of files written."""
+    anomalies = tuple(anomalies)
+    if not anomalies or set(anomalies) - set(ANOMALIES) or n_sections < 1:
+        raise ValueError(f"anomalies {anomalies!r}, sections {n_sections}: anomalies must be "
+                         f"some of {', '.join(ANOMALIES)}, sections >= 1")
     spec = data.get_year(year)
     machines = machines or default_machines(year)
     count, list_2020 = 0, {}
@@ -144,7 +148,7 @@ def anonymous_name(year, section, domain, k):
 
 
 def _write_section(out, rng, spec, machine, section, part, n_train, n_test, n_attributes=1,
-                   anomalies=None):
+                   anomalies=ANOMALIES):
     """Write one section's clips; returns (count, truth rows of its anonymised test clips:
     (anonymous name, label, domain, full name))."""
     root = data.part_dir(out, spec.year, part) / machine
@@ -167,7 +171,7 @@ def _write_section(out, rng, spec, machine, section, part, n_train, n_test, n_at
     truth = []
     for split, domain, label, i in plan:
         target = domain == "target"
-        anomaly = rng.choice(list(anomalies or ANOMALIES)) if label == "anomaly" else None
+        anomaly = rng.choice(list(anomalies)) if label == "anomaly" else None
         speed = (TARGET_SPEED if target else 1.0) * (1 + ATTRIBUTE_SPEED * (i % n_attributes))
         x = machine_sound(rng, kind=kind, f0=f0, speed=speed,
                           noise_db=-30 + (TARGET_NOISE_DB if target else 0), anomaly=anomaly)
