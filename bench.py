@@ -271,9 +271,11 @@ def print_table(result: dict) -> None:
 # --------------------------------------------------------------------------------------------
 # bench train: seconds per epoch and peak memory of one system's training
 
-def bench_train(cls, options: dict, *, year: int = 2020, n_train: int = 20) -> dict:
+def bench_train(cls, options: dict, *, year: int = 2020, n_train: int = 20,
+                seconds: float = SYNTH_SECONDS) -> dict:
     """Train cls(**options) once on a synthetic machine type made here (the first of `year`,
-    n_train training clips per section) and time each epoch from its progress lines (from the
+    n_train training clips per section, each `seconds` long: real DCASE lengths by default, as
+    the paper's windows and patches need them) and time each epoch from its progress lines (from the
     line before: the first epoch of a model includes its set-up). Returns seconds per epoch of
     pre-training and of training (min and median), training clips per second, and the peak
     memory: CUDA's allocator peak on a GPU, else the process's peak resident size."""
@@ -297,7 +299,7 @@ def bench_train(cls, options: dict, *, year: int = 2020, n_train: int = 20) -> d
     machine = synth.default_machines(year)[0]
     with tempfile.TemporaryDirectory() as tmp:
         synth.synthesize(f"{tmp}/data", year=year, machines=[machine], n_train=n_train,
-                         n_test=1, eval_part=False)
+                         n_test=1, eval_part=False, seconds=seconds)
         clips = data.list_clips(data.part_dir(f"{tmp}/data", year, "dev"), year=year,
                                 machine=machine, split="train")
         if cuda:

@@ -88,7 +88,8 @@ def write_clip(path, x):
 
 
 def synthesize(out, *, year, machines=None, n_train=20, n_test=10, seed=0, eval_part=True,
-               n_attributes=1, n_supplemental=0, n_sections=2, anomalies=ANOMALIES):
+               n_attributes=1, n_supplemental=0, n_sections=2, anomalies=ANOMALIES,
+               seconds=SECONDS):
     """Write a small data set for `year` below out/dcase<YEAR>/: dev_data and eval_data, the
     latter with anonymised test names and the organisers' ground truth in that year's format.
     n_train: normal training clips per section (2021+: 1 in 10 of them target domain);
@@ -96,11 +97,12 @@ def synthesize(out, *, year, machines=None, n_train=20, n_test=10, seed=0, eval_
     clip i takes as i % n_attributes (2021+); n_supplemental: normal clips per section in
     supplemental/ (years that have that folder); n_sections: the first sections (machine IDs) of
     each machine type and part that get clips; anomalies: the kinds an anomalous clip draws from
-    (ANOMALIES). Returns the number of files written."""
+    (ANOMALIES); seconds: each clip's length. Returns the number of files written."""
     anomalies = tuple(anomalies)
-    if not anomalies or set(anomalies) - set(ANOMALIES) or n_sections < 1:
-        raise ValueError(f"anomalies {anomalies!r}, sections {n_sections}: anomalies must be "
-                         f"some of {', '.join(ANOMALIES)}, sections >= 1")
+    if not anomalies or set(anomalies) - set(ANOMALIES) or n_sections < 1 or seconds <= 0:
+        raise ValueError(f"anomalies {anomalies!r}, sections {n_sections}, {seconds} s: "
+                         f"anomalies must be some of {', '.join(ANOMALIES)}, sections >= 1, "
+                         f"seconds > 0")
     spec = data.get_year(year)
     machines = machines or default_machines(year)
     count, list_2020 = 0, {}
@@ -112,7 +114,7 @@ def synthesize(out, *, year, machines=None, n_train=20, n_test=10, seed=0, eval_
                 rng = np.random.default_rng([seed, year, zlib.crc32(machine.encode()),
                                              int(section), part == "eval"])
                 n, truth = _write_section(out, rng, spec, machine, section, part, n_train, n_test,
-                                          n_attributes, anomalies)
+                                          n_attributes, anomalies, seconds)
                 count += n
                 if n_supplemental and "supplemental" in spec.extra_dirs:
                     count += _write_supplemental(out, spec, machine, section, part,
@@ -148,7 +150,7 @@ def anonymous_name(year, section, domain, k):
 
 
 def _write_section(out, rng, spec, machine, section, part, n_train, n_test, n_attributes=1,
-                   anomalies=ANOMALIES):
+                   anomalies=ANOMALIES, seconds=SECONDS):
     """Write one section's clips; returns (count, truth rows of its anonymised test clips:
     (anonymous name, label, domain, full name))."""
     root = data.part_dir(out, spec.year, part) / machine
@@ -174,7 +176,8 @@ def _write_section(out, rng, spec, machine, section, part, n_train, n_test, n_at
         anomaly = rng.choice(list(anomalies)) if label == "anomaly" else None
         speed = (TARGET_SPEED if target else 1.0) * (1 + ATTRIBUTE_SPEED * (i % n_attributes))
         x = machine_sound(rng, kind=kind, f0=f0, speed=speed,
-                          noise_db=-30 + (TARGET_NOISE_DB if target else 0), anomaly=anomaly)
+                          noise_db=-30 + (TARGET_NOISE_DB if target else 0), anomaly=anomaly,
+                          seconds=seconds)
         a = attrs or f"speed_{'B' if target else 'A'}" + (
             f"_load_{i % n_attributes}" if n_attributes > 1 else "")
         name = clip_names(spec.year, section, domain, split, label, i, a)

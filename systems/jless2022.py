@@ -83,7 +83,8 @@ NUMBERS = [
 
 class Jless2022:
     name = "jless2022"
-    quick = dict(epochs=1, batch_size=16, mfn_width=0.25, dpt_dim=16, dpt_depth=1)
+    quick = dict(epochs=1, batch_size=16, mfn_width=0.25, dpt_dim=16, dpt_depth=1,
+                 mel_frames=32)          # 64 frames need 2.016 s; the synthetic clips are 2 s
     meta = dict(
         acoustic_features="log-mel (128 bands, 64-frame patches) or log-power spectrogram "
                           "(512 bins, 32-frame patches), n_fft 1024, hop 512",

@@ -84,8 +84,8 @@ class Shinmura2020:
                            help="candidates generated per normal clip for hard samples")
         group.add_argument("--ensemble", type=int, default=10, help="models averaged (paper: 10)")
         group.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                           help="bf16: bfloat16 autocast and channels_last memory on CUDA "
-                                "(about twice as fast there); on the CPU fp32 is used and said")
+                           help="bf16: bfloat16 autocast on CUDA (half the memory; no faster "
+                                "than fp32 on an H100); on the CPU fp32 is used and said")
         group.add_argument("--recompute-bn", default="auto", choices=("auto", "always", "never"),
                            help="recompute BatchNorm statistics over the training images after "
                                 "a member's training; auto: only when its embeddings have "
@@ -113,6 +113,10 @@ class Shinmura2020:
         self.bf16 = precision == "bf16" and str(device).startswith("cuda")
         if precision == "bf16" and not self.bf16:
             log(f"--precision bf16 is for CUDA; on {device} this run uses fp32")
+        # NHWC images and weights on CUDA, whatever the precision: one training step at the
+        # paper's sizes on an H100 took 29-32 ms instead of 45 (fp32; cuDNN's NCHW BatchNorm
+        # kernels are slow), and bf16 gained nothing beyond it (32-38 ms)
+        self.channels_last = str(device).startswith("cuda")
         self.mean, self.std = 0.0, 1.0
         self.members = []        # one MobileNetV2 per ensemble member
         self.detectors = []      # one NearestCosine per member, fitted on its embeddings
@@ -125,7 +129,7 @@ class Shinmura2020:
 
     def normalise(self, images_db):
         x = ((images_db - self.mean) / self.std).unsqueeze(1)          # (B, 1, H, W)
-        return x.contiguous(memory_format=torch.channels_last) if self.bf16 else x
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def autocast(self):
         """bfloat16 matrix products and convolutions on CUDA with --precision bf16."""
@@ -133,7 +137,7 @@ class Shinmura2020:
 
     def network(self):
         net = models.MobileNetV2(width=self.width).to(self.device)
-        return net.to(memory_format=torch.channels_last) if self.bf16 else net
+        return net.to(memory_format=torch.channels_last) if self.channels_last else net
 
     def fit(self, clips, workdir, *, pretrain_clips=None):
         x = self.images(clips).to(self.device)        # (N, H, W) dB; stays on the device
@@ -312,7 +316,9 @@ class Shinmura2020:
 
     def load_state(self, state):
         self.mean, self.std = state["mean"], state["std"]
-        self.detectors = [detectors.NearestCosine().load_state({"train": t})
+        # on the CPU, where _embed leaves the test embeddings (asd's torch.load maps the
+        # saved tensors to the run's device)
+        self.detectors = [detectors.NearestCosine().load_state({"train": t.cpu()})
                           for t in state["train_embeddings"]]
         self.members = []
         for weights in state["members"]:
