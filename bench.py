@@ -30,7 +30,6 @@ import torch
 import features as F
 
 SYNTH_SECONDS = 10.0  # s, length of a synthesised clip (DCASE clips last 6-12 s)
-DEFAULT_BATCH = F.CLIP_BATCH  # clips per log_mel call, chosen from this bench's figures (features.py)
 SETTLE_S = 0.3  # s of pause before each timed call: BLAS and OpenMP workers spin ~0.1 s after use
 # passes over the clips per timed run: a real run extracts a machine type's ~1000 clips in a
 # row; one pass over the 28 real clips lasts ~30 ms, too short to time a steady state after the
@@ -206,17 +205,19 @@ def bench_stages(clips: list[np.ndarray], settings: dict, groups: list[list[int]
     return times
 
 
-def bench_features(clips: list[np.ndarray], *, repeats: int = 5, batches=(DEFAULT_BATCH,),
+def bench_features(clips: list[np.ndarray], *, repeats: int = 5, batches=None,
                    year: int = 2023, stages: bool = False, passes: int = DEFAULT_PASSES) -> dict:
     """Time our log-mel against librosa's on the same clips, at the threads set now.
 
     Returns the settings and one row per implementation: seconds per run of `passes` passes
     over all clips (one per repeat), and the max |dB| difference of its output from
-    librosa.feature.melspectrogram's. With `stages`, also bench_stages' figures at the first
-    batch size.
+    librosa.feature.melspectrogram's. batches: clips per log_mel call, one or several (None:
+    features.clip_batch(), what clip_features uses at these threads). With `stages`, also
+    bench_stages' figures at the first batch size.
     """
     import librosa
 
+    batches = batches or [F.clip_batch()]
     settings = F.log_mel_settings(year)
     groups = {b: equal_length_batches(clips, b) for b in batches}
     prebuilt = librosa_log_mel_prebuilt(settings)
@@ -351,9 +352,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=7,
                         help="timed runs per implementation, taking turns; min and median reported "
                              "(default: 7)")
-    parser.add_argument("--batch", type=comma_ints, default=[DEFAULT_BATCH],
-                        help=f"clips per log_mel call, or several (4,16,64) to time ours at each; the first "
-                             f"also serves the plain, CUDA and --stages runs (default: {DEFAULT_BATCH})")
+    parser.add_argument("--batch", type=comma_ints, default=None,
+                        help="clips per log_mel call, or several (4,16,64) to time ours at each; the first "
+                             "also serves the plain, CUDA and --stages runs (default: what clip_features "
+                             f"uses, {F.CLIPS_PER_THREAD} per torch thread)")
     parser.add_argument("--year", type=int, default=2023, choices=sorted(F.LOG_MEL_BY_YEAR),
                         help="whose baseline log-mel settings to use (default: 2023)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthesised clips (default: 0)")
@@ -366,7 +368,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--stages", action="store_true",
                         help="also time each step of ours and of the plain path (default: off)")
     args = parser.parse_args(argv)
-    if 0 in args.batch or args.repeats < 1 or args.passes < 1:
+    if 0 in (args.batch or []) or args.repeats < 1 or args.passes < 1:
         parser.error("--batch sizes, --repeats and --passes must be positive")
     folder = Path(args.clips)
     if folder.is_dir():

@@ -569,19 +569,26 @@ def panns_log_mel(x, *, sr_in: int = SR, sr: int = PANNS_SR, n_fft: int = 1024, 
 CACHE_VERSION = 2   # bump when a feature function changes what it returns (2: banded mel product)
 FEATURES = {"log_mel": log_mel, "spectrogram_image": spectrogram_image,
             "log_spectrogram": log_spectrogram, "panns_log_mel": panns_log_mel}
-# clips per feature call in clip_features (and bench.py's default). log_mel in clips/s, min-time /
-# median of 9 paired runs of 4 passes, 2 shared CPU cores, quiet machine (python asd.py bench
-# features --clips <folder> --threads 1,2 --batch 2,4,1,8 --repeats 9):
-#   batch                        1          2          4          8
-#   RoboticArm 7.9 s, 1 thread              1352/1314  1488/1365
-#   RoboticArm 7.9 s, 2 threads             1907/1860  2226/2031
-#   2023 dev 10-12 s, 1 thread   890/877    1035/984   1000/970   898/830
-#   2023 dev 10-12 s, 2 threads  1206/1139  1532/1431  1599/1469  1475/1334
-# (earlier, single passes: batches of 16-64 were 10-50% slower than 4.) spectrogram_image,
-# 1 thread: batch 4 1.47, 16 1.57, 64 3.64 ms per clip. Small batches keep a call's frames and
-# spectra (3-5 MB per clip) near the caches; large ones touch fresh memory pages. Measured on a
-# CPU only; a GPU may want larger batches.
-CLIP_BATCH = 4
+# clips per feature call in clip_features (and bench.py's default), per torch thread: each
+# thread's share of a call's frames and spectra (3-5 MB per clip) stays near its caches. log_mel
+# in clips/s, min-time / median of 9 paired runs of 4 passes, 2 shared cores (AMD EPYC, 1 MB L2
+# per core), quiet machine (python asd.py bench features --clips <folder> --threads 1,2
+# --batch 2,1,4,8 --repeats 9; melspectrogram's ratio in brackets):
+#   batch                        1                2                4                8
+#   2023 dev 10-12 s, 1 thread   1671/1589 (3.9)  1828/1733 (4.2)  1531/1346 (3.5)  1312/1231 (3.0)
+#   2023 dev 10-12 s, 2 threads  2199/1786 (4.6)  2502/2177 (5.3)  2574/2376 (5.4)  2094/1580 (4.4)
+#   RoboticArm 7.9 s, 1 thread   2310/2244 (4.3)  2574/2479 (4.8)  2611/2337 (4.9)  1803/1745 (3.4)
+#   RoboticArm 7.9 s, 2 threads  3354/3166 (5.8)  3923/3697 (6.8)  4413/4066 (7.6)  3098/2731 (5.3)
+# Two clips per thread (batch 2 at 1 thread, 4 at 2) is the best in every row, or within 2% of
+# it. Earlier, single passes: batches of 16-64 were 10-50% slower.
+# spectrogram_image, 1 thread: batch 4 1.47, 16 1.57, 64 3.64 ms per clip. Measured on a CPU
+# only; a GPU may want larger batches.
+CLIPS_PER_THREAD = 2
+
+
+def clip_batch() -> int:
+    """Clips per feature call at torch's present thread count: CLIPS_PER_THREAD per thread."""
+    return CLIPS_PER_THREAD * torch.get_num_threads()
 
 
 def cache_key(path, kind, settings):
@@ -593,13 +600,15 @@ def cache_key(path, kind, settings):
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
-def clip_features(paths, kind, settings, *, sr=SR, cache_dir=None, device="cpu", batch=CLIP_BATCH,
+def clip_features(paths, kind, settings, *, sr=SR, cache_dir=None, device="cpu", batch=None,
                   log=None):
-    """FEATURES[kind](wave, **settings) of every clip, read from the cache where present;
-    log(line), when given, hears the progress and the time left every PROGRESS_S seconds.
+    """FEATURES[kind](wave, **settings) of every clip, read from the cache where present, made
+    `batch` clips per call (None: clip_batch()); log(line), when given, hears the progress and
+    the time left every PROGRESS_S seconds.
     Returns [(..., T_i) tensors], one per clip, on the CPU."""
     out, todo = [None] * len(paths), []
     key = {"sr": sr, **settings}
+    batch = batch or clip_batch()
     for i, p in enumerate(paths):
         hit = cache_dir and Path(cache_dir) / f"{cache_key(p, kind, key)}.npy"
         if hit and hit.exists():
