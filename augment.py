@@ -145,9 +145,11 @@ def fmix(x, gen, rng, *, alpha=1.0, decay=3.0):
     mask * x + (1 - mask) * x[perm] (eq. 3), lam ~ Beta(alpha, alpha) from rng, perm from gen.
     x: (B, ..., H, W). Returns (mixed x, perm (B,), lam: the mask's share of ones); the loss
     is mixed as for mixup: lam * loss(y) + (1 - lam) * loss(y[perm])."""
-    mask = fmix_mask(x.shape[-2:], float(rng.beta(alpha, alpha)), gen, decay=decay).to(x.dtype)
+    (h, w), lam = x.shape[-2:], float(rng.beta(alpha, alpha))
+    mask = fmix_mask((h, w), lam, gen, decay=decay).to(x.dtype)
     perm = torch.randperm(len(x), generator=gen, device=gen.device)
-    return mask * x + (1 - mask) * x[perm], perm, float(mask.mean())
+    share = round(lam * h * w) / (h * w)      # the mask's ones, counted without a device sync
+    return mask * x + (1 - mask) * x[perm], perm, share
 
 
 # --------------------------------------------------------------------------------------------

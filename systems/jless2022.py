@@ -260,8 +260,8 @@ class Jless2022:
         """One batch's loss: augmentation, ID loss on mixed labels, DPT's masked MSE."""
         lam, perm = 1.0, None
         kinds = self.recipe["augment"]
-        if kinds:          # one of the recipe's augmentations per batch (the report is silent)
-            kind = kinds[int(torch.randint(len(kinds), (1,), generator=gen, device=gen.device))]
+        if kinds:          # one of the recipe's augmentations per batch (the report is silent),
+            kind = kinds[int(rng.integers(len(kinds)))]   # drawn on the host: no device sync
             if kind == "mixup":
                 xb, perm, lam = augment.mixup(xb, gen, rng, alpha=self.mixup_alpha)
             else:
