@@ -61,19 +61,20 @@ def add_model_flags(p, system, year, quick):
     add_compute_flags(p)
 
 
-def add_threads_flag(p):
+def add_host_flags(p):
+    """How a run uses the machine it runs on: torch's CPU threads and freed memory."""
     # 2 threads on 2 cores shared with other work busy-wait: single steps stalled 5-100x here
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; the same seed gives the same scores for the same "
                         "count (1: steady on a shared machine)")
     p.add_argument("--release-memory", action="store_true",
-                   help="hand freed memory back to the system at once (glibc's default): "
-                        "~30%% less peak memory, CPU training steps ~40%% slower (train.py's "
-                        "keep_freed_memory)")
+                   help="hand freed memory back to the system at once (glibc's default): a "
+                        "lower peak (shinmura2020 at the paper's sizes: 4.9 GB, not 6.2-7.2), "
+                        "CPU steps of large networks up to 2x slower (asd.keep_freed_memory)")
 
 
 def add_compute_flags(p):
-    add_threads_flag(p)
+    add_host_flags(p)
     p.add_argument("--seed", type=int, default=0, help="seed of every random generator")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: CUDA when available")
@@ -100,7 +101,7 @@ def build_parser(system=None, year=2020, quick=False):
     p.add_argument("paths", nargs="+", help="wav files, and folders searched for *.wav")
     p.add_argument("--model", required=True, help="a model folder written by train")
     p.add_argument("--csv", default=None, help="also write file,score,decision to this CSV")
-    add_threads_flag(p)
+    add_host_flags(p)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: CUDA when available")
     p = sub.add_parser("test", help="score the test clips; write the submission CSVs",
