@@ -228,7 +228,6 @@ def test_log_mel_batched_equals_one_by_one():
         torch.testing.assert_close(batched[i], single, rtol=0, atol=1e-4)
 
 
-
 def test_clip_features_batch_follows_threads_and_never_changes_the_features(tmp_path):
     # clip_features makes CLIPS_PER_THREAD clips per call per torch thread; the batch, the
     # thread count and the cache must leave every clip's features as log_mel gives them alone
