@@ -106,11 +106,7 @@ def partial_auc(y_true, y_score, max_fpr=MAX_FPR):
     fpr, tpr = _roc_curve(*_check_binary(y_true, y_score))
     if max_fpr == 1:
         return _trapezoid(fpr, tpr)  # sklearn returns the plain AUC here, no McClish step
-    # first point beyond max_fpr; fpr[-1] = 1 > max_fpr, so it always exists
-    stop = int(np.searchsorted(fpr, max_fpr, side="right"))
-    f0, f1, t0, t1 = fpr[stop - 1], fpr[stop], tpr[stop - 1], tpr[stop]
-    tpr_at_max = (t1 - t0) / (f1 - f0) * (max_fpr - f0) + t0  # linear, as np.interp
-    area = _trapezoid(np.r_[fpr[:stop], max_fpr], np.r_[tpr[:stop], tpr_at_max])
+    area = _trapezoid(*roc_up_to(fpr, tpr, max_fpr))
     # McClish (1989): map [area of the diagonal, area of a perfect curve] onto [0.5, 1]
     min_area, max_area = 0.5 * max_fpr**2, max_fpr
     return float(0.5 * (1 + (area - min_area) / (max_area - min_area)))
@@ -142,6 +138,17 @@ def figure_subsets(year, label, domain):
         subsets.append(("all clips", every, ("pauc",)))
     return [(name, mask, keys) for name, mask, keys in subsets
             if np.any(label[mask] == 0) and np.any(label[mask] == 1)]
+
+
+def roc_up_to(fpr, tpr, max_fpr):
+    """The part of an ROC curve (roc_points) with fpr <= max_fpr < 1, closed by the point
+    linearly interpolated at max_fpr, as sklearn does: the curve under which the pAUC is taken.
+    Returns fpr, tpr, both (K,)."""
+    # first point beyond max_fpr; fpr[-1] = 1 > max_fpr, so it always exists
+    stop = int(np.searchsorted(fpr, max_fpr, side="right"))
+    f0, f1, t0, t1 = fpr[stop - 1], fpr[stop], tpr[stop - 1], tpr[stop]
+    tpr_at_max = (t1 - t0) / (f1 - f0) * (max_fpr - f0) + t0  # linear, as np.interp
+    return np.r_[fpr[:stop], max_fpr], np.r_[tpr[:stop], tpr_at_max]
 
 
 def precision_recall_f1(y_true, y_decision):
