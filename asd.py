@@ -298,6 +298,10 @@ def cmd_test(args):
     data.get_year(args.year).sections(args.machine, args.part)
     clips = data.list_clips(data_folder(args), year=args.year, machine=args.machine,
                             split="test")
+    domains = {c.domain for c in clips}
+    if args.year >= 2021 and len(domains) == 1:
+        print(f"note: every test clip of {args.machine} is in the {domains.pop()} domain: "
+              f"evaluate will give the figures that are defined, but no official score")
     groups = {}
     for i, c in enumerate(clips):
         domain = c.domain if args.year == 2021 else None

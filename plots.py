@@ -67,11 +67,12 @@ class Panel:
     def points(self, xs, ys):
         return " ".join(f"{_num(self.x(a))},{_num(self.y(b))}" for a, b in zip(xs, ys))
 
-    def open(self, kind):
-        """The panel's <g>, its pixel box and data range in data-* attributes."""
+    def open(self, kind, **about):
+        """The panel's <g>: its pixel box, data range and `about` in data-* attributes."""
+        extra = "".join(f' data-{k}="{html.escape(str(v))}"' for k, v in about.items())
         return (f'<g class="panel {kind}" data-left="{self.left}" data-top="{self.top}" '
                 f'data-size="{PANEL}" data-x0="{self.x0!r}" data-x1="{self.x1!r}" '
-                f'data-y0="{self.y0!r}" data-y1="{self.y1!r}">')
+                f'data-y0="{self.y0!r}" data-y1="{self.y1!r}"{extra}>')
 
     def axes(self, title, xlabel, ylabel, xticks, yticks):
         """Frame, ticks with labels, axis titles and the title above."""
@@ -126,12 +127,12 @@ def svg_document(width, height, title, body):
 # ROC curves
 
 
-def roc_panel(panel, title, curves, undefined=(), max_fpr=scoring.MAX_FPR):
+def roc_panel(panel, title, curves, undefined=(), max_fpr=scoring.MAX_FPR, **about):
     """curves: [(name, fpr, tpr, figures)], figures {"AUC": 0.91, "pAUC": ...}; the area under a
     curve carrying a pAUC is shaded for FPR <= max_fpr, the region its pAUC measures.
     undefined: legend lines for the curves that cannot be drawn (a domain absent)."""
     ticks = [0, 0.2, 0.4, 0.6, 0.8, 1]
-    out = [panel.open("roc"),
+    out = [panel.open("roc", **about),
            f'<rect class="pauc-region" x="{_num(panel.x(0))}" y="{panel.top}" '
            f'width="{_num(panel.x(max_fpr) - panel.x(0))}" height="{PANEL}" fill="#e6e6e6"/>',
            *panel.axes(title, "false-positive rate", "true-positive rate", ticks, ticks)]
@@ -195,14 +196,15 @@ def nice_ticks(lo, hi, n=5, *, integer=False):
     """About n round tick values within [lo, hi]: steps of 1, 2 or 5 times a power of ten."""
     raw = (hi - lo) / n
     power = 10.0 ** np.floor(np.log10(raw))
-    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= 0.7 * raw)   # n-1 to n+2 ticks
     if integer:
         step = max(1.0, np.ceil(step))
     first = np.ceil(lo / step) * step
     return [float(v) + 0.0 for v in np.arange(first, hi + step * 1e-9, step)]   # no -0
 
 
-def histogram_panel(panel_at, title, series, edges, threshold, xlabel="anomaly score"):
+def histogram_panel(panel_at, title, series, edges, threshold, xlabel="anomaly score",
+                    **about):
     """series: [(name, scores)]; bars of numpy.histogram(scores, edges), drawn over each other
     half transparent, and the threshold as a dashed vertical line (None: not known).
     panel_at(x_range, y_range) -> the Panel to draw in."""
@@ -211,7 +213,7 @@ def histogram_panel(panel_at, title, series, edges, threshold, xlabel="anomaly s
     pad = 0.03 * float(edges[-1] - edges[0])            # the outer bars and the line clear the frame
     # the upper third stays free for the legend
     panel = panel_at((float(edges[0]) - pad, float(edges[-1]) + pad), (0.0, top * 1.5))
-    out = [panel.open("histogram")]
+    out = [panel.open("histogram", **about)]
     for (name, scores), c in zip(series, counts):
         for a, b, n in zip(edges[:-1], edges[1:], c):
             if n:
@@ -259,7 +261,7 @@ def machine_svg(result, rows, machine, threshold, max_fpr=scoring.MAX_FPR):
         panel = Panel(LEFT + (i % COLUMNS) * CELL_W, HEADER + TOP + (i // COLUMNS) * CELL_H,
                       (0.0, 1.0), (0.0, 1.0))
         body += roc_panel(panel, f"{'ID' if year == 2020 else 'section'} {section}", curves,
-                          sorted(set(undefined)), max_fpr)
+                          sorted(set(undefined)), max_fpr, section=section)
     domains = [None] if year == 2020 else [d for d in scoring.DOMAINS
                                           if any(r["domain"] == d for r in rows)]
     edges = bin_edges([[r["score"] for r in rows]], threshold)
@@ -269,7 +271,8 @@ def machine_svg(result, rows, machine, threshold, max_fpr=scoring.MAX_FPR):
         series = [(name, [r["score"] for r in mine if r["label"] == label])
                   for name, label in (("normal", 0), ("anomaly", 1))]
         body += histogram_panel(lambda xr, yr: Panel(LEFT + j * CELL_W, top, xr, yr),
-                                f"{domain or 'all'} test clips", series, edges, threshold)
+                                f"{domain or 'all'} test clips", series, edges, threshold,
+                                domain=domain or "all")
     width = max(min(len(sections), COLUMNS), len(domains)) * CELL_W
     height = HEADER + (n_rows + 1) * CELL_H
     title = (f"{machine}, DCASE {year} rules: ROC per {'ID' if year == 2020 else 'section'} "

@@ -9,8 +9,8 @@ y-kawagu/dcase2020_task2_evaluator (evaluator.py), y-kawagu/dcase2021_task2_eval
 the nttcslab dcase2022..2025_task2_evaluator scripts (one rule from 2022 on). The results
 table (`comparison_rows`, CSV and Markdown) sets the official AE baseline's published
 development-set figures (`BASELINE_DEV`, each with its source) beside ours.
-Left out: the evaluators' jackknife confidence intervals, plots and per-attribute tables,
-and reading the ground truth (the dataset module's job: rows arrive here already labelled).
+Left out: the evaluators' jackknife confidence intervals and per-attribute tables, drawing
+(plots.py draws the ROC points given here), and reading the ground truth (the dataset module's job: rows arrive here already labelled).
 """
 import csv
 import math
