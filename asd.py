@@ -379,8 +379,7 @@ def cmd_score(args):
     print(score_summary(fit, threshold, len(paths), rows))
     if args.plot and rows:
         held = fit.get("scores", [])
-        title = (f"{len(rows)} files scored by {args.model} ({about['system']}), against the "
-                 f"{len(held)} {fit.get('fitted_to', 'held-out')} scores of the threshold")
+        title = f"{len(rows)} files scored with {Path(args.model).name} ({about['system']})"
         data.write_text(args.plot, plots.score_svg(
             [r[1] for r in rows], threshold, held, title=title,
             held_name=f"{fit.get('fitted_to', 'held-out')} normal"))

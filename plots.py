@@ -210,7 +210,7 @@ def histogram_panel(panel_at, title, series, edges, threshold, xlabel="anomaly s
     panel_at(x_range, y_range) -> the Panel to draw in."""
     counts = [np.histogram(np.asarray(s, dtype=float), edges)[0] for _, s in series]
     top = max(1, max(int(c.max()) for c in counts))
-    pad = 0.03 * float(edges[-1] - edges[0])            # the outer bars and the line clear the frame
+    pad = 0.03 * float(edges[-1] - edges[0])       # the outer bars and the line clear the frame
     # the upper third stays free for the legend
     panel = panel_at((float(edges[0]) - pad, float(edges[-1]) + pad), (0.0, top * 1.5))
     out = [panel.open("histogram", **about)]
@@ -298,6 +298,13 @@ def _cell(v):
     return "" if v is None else f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
 
 
+CAPTION = ("Per machine type: the ROC curve of every section and domain, each on the clips its "
+           "official figure takes (2022 on: a domain's normal clips with all anomalies; dashed: "
+           "every clip, which the pAUC takes), the pAUC region (false-positive rate up to "
+           f"{scoring.MAX_FPR:g}) shaded; below, the test scores of normal and anomalous clips "
+           "per domain, with the model's decision threshold (dashed line).")
+
+
 def results_html(title, header, table, notes, svgs):
     """A self-contained page (XHTML, so any browser and any XML reader takes it): the results
     table (scoring.comparison_rows), notes (lines shown under it), and the SVG figures
@@ -307,6 +314,7 @@ def results_html(title, header, table, notes, svgs):
                      for row in table)
     figures = "\n".join(f'<h2>{html.escape(m)}</h2>\n<div class="figure">\n{svg}</div>'
                         for m, svg in svgs.items())
+    caption = f'<p class="caption">{html.escape(CAPTION)}</p>\n' if svgs else ""
     notes = "\n".join(f"<p>{html.escape(n)}</p>" for n in notes if n)
     style = ("body{font-family:sans-serif;margin:24px;color:#111}"
              "table{border-collapse:collapse;font-size:13px}"
@@ -317,4 +325,4 @@ def results_html(title, header, table, notes, svgs):
             f'<head>\n<meta charset="utf-8"/>\n<title>{html.escape(title)}</title>\n'
             f"<style>{style}</style>\n</head>\n<body>\n<h1>{html.escape(title)}</h1>\n"
             f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>\n"
-            f"{notes}\n{figures}\n</body>\n</html>\n")
+            f"{notes}\n{caption}{figures}\n</body>\n</html>\n")

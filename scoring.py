@@ -10,7 +10,8 @@ the nttcslab dcase2022..2025_task2_evaluator scripts (one rule from 2022 on). Th
 table (`comparison_rows`, CSV and Markdown) sets the official AE baseline's published
 development-set figures (`BASELINE_DEV`, each with its source) beside ours.
 Left out: the evaluators' jackknife confidence intervals and per-attribute tables, drawing
-(plots.py draws the ROC points given here), and reading the ground truth (the dataset module's job: rows arrive here already labelled).
+(plots.py draws the ROC points given here), and reading the ground truth (the dataset
+module's job: rows arrive here already labelled).
 """
 import csv
 import math
