@@ -464,10 +464,14 @@ def model_threshold(model_dir):
     """The decision threshold of a machine type's model (its threshold.json), or None with a
     warning line where there is none to read: the pictures then draw no threshold."""
     path = Path(model_dir) / "threshold.json"
+    if not path.exists():
+        print(f"note: {path} not found: the pictures of {Path(model_dir).name} draw no threshold")
+        return None
     try:
         return float(json.loads(path.read_text())["threshold"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        print(f"warning: {path}: no threshold to draw ({type(e).__name__}: {e})")
+        print(f"warning: {path}: unreadable ({type(e).__name__}: {e}); the pictures of "
+              f"{Path(model_dir).name} draw no threshold")
         return None
 
 

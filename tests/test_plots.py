@@ -236,6 +236,38 @@ def test_evaluate_one_domain_gives_the_defined_figures_and_the_pictures(source_o
     assert not (folder / "results.html").exists() and not (folder / "plots/fan.svg").exists()
 
 
+@pytest.mark.parametrize("year", [2021, 2023])
+def test_evaluate_one_domain_result_files_of_each_layout(tmp_path, year, capsys):
+    """evaluate alone, on result CSVs written here for a source-only set (no model, so no
+    threshold to draw): every layout where a domain can be missing."""
+    synth.synthesize(tmp_path / "data", year=year, machines=["valve"], n_train=1, n_test=3)
+    folder = tmp_path / f"data/dcase{year}/dev_data"
+    clips = [c for c in asd.data.list_clips(folder, year=year, machine="valve", split="test")
+             if c.domain == "source"]
+    results = tmp_path / f"runs/dcase{year}/ae/dev/results"
+    rng = np.random.default_rng(year)
+    for section in sorted({c.section for c in clips}):
+        mine = [c for c in clips if c.section == section]
+        scores = [float(c.label == "anomaly") + rng.normal() for c in mine]
+        for kind, values in (("anomaly_score", scores), ("decision_result", [0] * len(mine))):
+            scoring.write_csv(results / scoring.result_filename(year, kind, "valve", section,
+                                                                "source"),
+                              [(c.name, v) for c, v in zip(mine, values)])
+    run = ["--year", year, "--system", "ae", "--data-root", tmp_path / "data", "--out",
+           tmp_path / "runs"]
+    assert asd.main(["evaluate", *run]) == 0
+    out = capsys.readouterr().out
+    figures = "AUC and pAUC" if year == 2021 else "AUC target"
+    where = ", ".join(f"valve {section}" for section in sorted({c.section for c in clips}))
+    assert f"undefined: {figures} of {where} (no target clips)" in out
+    assert "threshold.json not found: the pictures of valve draw no threshold" in out
+    result = json.loads((results.parent / "results.json").read_text())
+    assert result["official_score"] is None
+    labelled = scoring.labelled_rows(results, year=year,
+                                     truth=asd.data.truth_from_names(year=year))
+    check_machine_svg((results.parent / "plots/valve.svg").read_text(), year, labelled, None)
+
+
 def test_score_plot_draws_the_scores_against_threshold_and_held_out(source_only, capsys):
     tmp, _ = source_only
     model = tmp / "runs/dcase2022/ae/dev/models/fan"
