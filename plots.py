@@ -21,6 +21,7 @@ import scoring
 PANEL = 260                  # px: width and height of one drawing area
 LEFT, RIGHT, TOP, BOTTOM = 56, 16, 34, 46   # px around a drawing area (ticks, labels, title)
 CELL_W, CELL_H = LEFT + PANEL + RIGHT, TOP + PANEL + BOTTOM
+LEGEND_ROOM = 76             # px below a ROC panel: its legend (up to 5 lines) stays off the curves
 HEADER = 34                  # px: the figure's title line
 COLUMNS = 4                  # ROC panels per row
 N_BINS = 24                  # histogram bins, shared by the series of one figure
@@ -96,12 +97,14 @@ class Panel:
                          weight="bold"))
         return out
 
-    def legend(self, entries, *, corner="bottom-right"):
-        """entries: [(colour or None, text)], a small box of lines inside the panel."""
+    def legend(self, entries, *, corner="below"):
+        """entries: [(colour or None, text)], a small box of lines inside the panel at a corner
+        ("top-right", "bottom-right"), or below it, under the axis title."""
         width = 30 + max(len(t) for _, t in entries) * LEGEND_FONT * 0.56
         height = 6 + 14 * len(entries)
-        x = self.left + PANEL - width - 6 if corner.endswith("right") else self.left + 6
-        y = self.top + PANEL - height - 6 if corner.startswith("bottom") else self.top + 6
+        x = self.left + PANEL - width - 6 if corner.endswith("right") else self.left - 30
+        y = (self.top + PANEL + BOTTOM - 6 if corner == "below" else
+             self.top + PANEL - height - 6 if corner.startswith("bottom") else self.top + 6)
         out = [f'<rect x="{_num(x)}" y="{_num(y)}" width="{_num(width)}" height="{height}" '
                f'fill="#fff" fill-opacity="0.85" stroke="#bbb"/>']
         for i, (swatch, label) in enumerate(entries):
@@ -258,14 +261,15 @@ def machine_svg(result, rows, machine, threshold, max_fpr=scoring.MAX_FPR):
         curves = section_curves(year, mine, lambda name: found.get(name, found.get(None)))
         undefined = [f"{r['domain'] or FIGURE_TITLES_SHORT[key]}: undefined ({reason})"
                      for r in found.values() for key, reason in r.get("undefined", {}).items()]
-        panel = Panel(LEFT + (i % COLUMNS) * CELL_W, HEADER + TOP + (i // COLUMNS) * CELL_H,
+        panel = Panel(LEFT + (i % COLUMNS) * CELL_W,
+                      HEADER + TOP + (i // COLUMNS) * (CELL_H + LEGEND_ROOM),
                       (0.0, 1.0), (0.0, 1.0))
         body += roc_panel(panel, f"{'ID' if year == 2020 else 'section'} {section}", curves,
                           sorted(set(undefined)), max_fpr, section=section)
     domains = [None] if year == 2020 else [d for d in scoring.DOMAINS
                                           if any(r["domain"] == d for r in rows)]
     edges = bin_edges([[r["score"] for r in rows]], threshold)
-    top = HEADER + TOP + n_rows * CELL_H
+    top = HEADER + TOP + n_rows * (CELL_H + LEGEND_ROOM)
     for j, domain in enumerate(domains):
         mine = [r for r in rows if domain is None or r["domain"] == domain]
         series = [(name, [r["score"] for r in mine if r["label"] == label])
@@ -274,7 +278,7 @@ def machine_svg(result, rows, machine, threshold, max_fpr=scoring.MAX_FPR):
                                 f"{domain or 'all'} test clips", series, edges, threshold,
                                 domain=domain or "all")
     width = max(min(len(sections), COLUMNS), len(domains)) * CELL_W
-    height = HEADER + (n_rows + 1) * CELL_H
+    height = HEADER + n_rows * (CELL_H + LEGEND_ROOM) + CELL_H
     title = (f"{machine}, DCASE {year} rules: ROC per {'ID' if year == 2020 else 'section'} "
              f"(shaded: FPR <= {max_fpr:g}, the pAUC); test scores per domain")
     return svg_document(width, height, title, body)
