@@ -148,7 +148,7 @@ def roc_panel(panel, title, curves, undefined=(), max_fpr=scoring.MAX_FPR, **abo
     out.append(f'<line x1="{_num(panel.x(0))}" y1="{_num(panel.y(0))}" x2="{_num(panel.x(1))}" '
                f'y2="{_num(panel.y(1))}" stroke="#999" stroke-dasharray="3,3"/>')
     for name, fpr, tpr, _ in curves:     # every clip's curve dashed: it may lie on another
-        dash = ' stroke-dasharray="6,3"' if name == "all clips" else ""
+        dash = ' stroke-dasharray="6,3"' if name == "all clips" and len(curves) > 1 else ""
         out.append(f'<polyline class="roc" data-name="{html.escape(name)}" '
                    f'points="{panel.points(fpr, tpr)}" fill="none" stroke="{COLOURS[name]}" '
                    f'stroke-width="2"{dash}/>')
