@@ -37,6 +37,7 @@ import numpy as np
 import data
 import download
 import flags
+import plots
 import scoring
 import synth
 import systems
@@ -297,6 +298,10 @@ def cmd_test(args):
     data.get_year(args.year).sections(args.machine, args.part)
     clips = data.list_clips(data_folder(args), year=args.year, machine=args.machine,
                             split="test")
+    domains = {c.domain for c in clips}
+    if args.year >= 2021 and len(domains) == 1:
+        print(f"note: every test clip of {args.machine} is in the {domains.pop()} domain: "
+              f"evaluate will give the figures that are defined, but no official score")
     groups = {}
     for i, c in enumerate(clips):
         domain = c.domain if args.year == 2021 else None
@@ -345,6 +350,8 @@ def cmd_score(args):
         raise ValueError(f"{about_path}: not found; --model must be a folder written by "
                          f"'python asd.py train' (model.pt, threshold.json, model.json)")
     about = json.loads(about_path.read_text())
+    if args.plot and Path(args.plot).exists() and not args.force:
+        raise ValueError(f"{args.plot} exists; pass --force to overwrite")
     import features
     system, threshold = load_model(args.model, pick_device(args.device), None)
     sections = about.get("sections", {})
@@ -368,9 +375,28 @@ def cmd_score(args):
         print(f"{path}\t{score:.6g}\t{decision}")
     if args.csv:
         scoring.write_table_csv(args.csv, ["file", "score", "decision"], rows)
+    fit = json.loads((Path(args.model) / "threshold.json").read_text())   # load_model read it
+    print(score_summary(fit, threshold, len(paths), rows))
+    if args.plot and rows:
+        held = fit.get("scores", [])
+        title = f"{len(rows)} files scored with {Path(args.model).name} ({about['system']})"
+        data.write_text(args.plot, plots.score_svg(
+            [r[1] for r in rows], threshold, held, title=title,
+            held_name=f"{fit.get('fitted_to', 'held-out')} normal"))
+        print(f"histogram -> {args.plot}")
     if failed:
         raise ValueError(f"{len(failed)} of {len(paths)} files could not be scored (each named "
                          f"above); they have no score")
+
+
+def score_summary(fit, threshold, n_files, rows):
+    """One line: how many files were scored and skipped, how many the threshold flags, and
+    how the threshold was fitted (fit: the model's threshold.json)."""
+    flagged = sum(decision == "anomalous" for _, _, decision in rows)
+    fitted = (f"{fit.get('quantile', 0.9):g} quantile of a gamma fitted to "
+              f"{len(fit.get('scores', []))} {fit.get('fitted_to', 'training')} scores")
+    return (f"scored {len(rows)} of {n_files} files ({n_files - len(rows)} skipped); "
+            f"{flagged} flagged anomalous, above the threshold {threshold:.4g} ({fitted})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,7 +404,9 @@ def cmd_score(args):
 
 def cmd_evaluate(args, synthetic=False):
     """The official score, and the results table beside the baseline's published figures:
-    results.json, results.txt (every metric), results.csv and results.md (the comparison)."""
+    results.json, results.txt (every metric), results.csv and results.md (the comparison);
+    with --plots (the default) results.html and plots/<machine>.svg (plots.py). A test set of
+    one domain gives every figure that is defined and one line naming the undefined ones."""
     out = run_dir(args) / "results.json"
     if out.exists() and not args.force:
         raise ValueError(f"{out} exists; pass --force to overwrite")
@@ -387,15 +415,22 @@ def cmd_evaluate(args, synthetic=False):
                                        else data_folder(args), year=args.year)
     else:                        # labels and domains are in the dev set's file names
         truth = data.truth_from_names(year=args.year)
-    rows = scoring.labelled_rows(run_dir(args) / "results", year=args.year, truth=truth)
-    result = scoring.official_score(args.year, rows)
+    labelled = scoring.labelled_rows(run_dir(args) / "results", year=args.year, truth=truth)
+    result = scoring.official_score(args.year, labelled)
     header, rows = scoring.comparison_rows(result, with_baseline=args.part == "dev")
     markdown = scoring.format_markdown(header, rows)
+    undefined = scoring.undefined_line(result)
+    text = scoring.format_table(result) + (f"\n{undefined}" if undefined else "")
     data.write_json(out, {**result, "args": {**run_args(args), **versions()}})
-    data.write_text(run_dir(args) / "results.txt", scoring.format_table(result) + "\n")
+    data.write_text(run_dir(args) / "results.txt", text + "\n")
     scoring.write_table_csv(run_dir(args) / "results.csv", header, rows)
     data.write_text(run_dir(args) / "results.md", markdown + "\n")
-    print(scoring.format_table(result))
+    written = ["results.txt", "results.csv", "results.md"]
+    pictures = getattr(args, "plots", True)   # demo's arguments carry no --plots
+    if pictures:
+        written += [str(p.relative_to(run_dir(args))) for p in
+                    write_pictures(args, result, labelled, (header, rows), [undefined])]
+    print(text)
     if synthetic:
         print("\nThese figures are on synthetic sound. results.md sets them beside the official "
               "AE baseline's published figures, which are on the real DCASE recordings: the two "
@@ -403,7 +438,41 @@ def cmd_evaluate(args, synthetic=False):
     else:
         print(f"\nbeside the official baseline's published {args.part} figures "
               f"(empty: not published):\n{markdown}")
+    print(f"\nresults -> {out}; beside it: {', '.join(written)}"
+          + (" (results.html: the table and the pictures, for a browser)" if pictures else ""))
     return result
+
+
+def write_pictures(args, result, labelled, table, notes):
+    """plots/<machine>.svg for every machine type (ROC curves per section and domain, score
+    histograms per domain with its model's threshold) and results.html (the table, the notes
+    and the pictures, one page). Returns the paths written."""
+    folder, svgs, paths = run_dir(args), {}, []
+    for machine in result["machines"]:
+        threshold = model_threshold(folder / "models" / machine)
+        svgs[machine] = plots.machine_svg(
+            result, [r for r in labelled if r["machine"] == machine], machine, threshold)
+        paths.append(data.write_text(folder / "plots" / f"{machine}.svg", svgs[machine]))
+    score = result["official_score"]
+    notes = [f"official score: {'undefined' if score is None else f'{score:.4f}'}", *notes]
+    title = f"DCASE {args.year} Task 2: {args.system}, {args.part} set"
+    return [data.write_text(folder / "results.html",
+                            plots.results_html(title, *table, notes, svgs)), *paths]
+
+
+def model_threshold(model_dir):
+    """The decision threshold of a machine type's model (its threshold.json), or None with a
+    warning line where there is none to read: the pictures then draw no threshold."""
+    path = Path(model_dir) / "threshold.json"
+    if not path.exists():
+        print(f"note: {path} not found: the pictures of {Path(model_dir).name} draw no threshold")
+        return None
+    try:
+        return float(json.loads(path.read_text())["threshold"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"warning: {path}: unreadable ({type(e).__name__}: {e}); the pictures of "
+              f"{Path(model_dir).name} draw no threshold")
+        return None
 
 
 # --------------------------------------------------------------------------------------------

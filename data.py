@@ -198,8 +198,11 @@ def part_dir(data_root, year, part):
 
 def list_clips(folder, *, year, machine, split):
     """Every clip of one machine type and split below `folder` (a part folder), sorted, parsed.
-    split: "train", "test" (2021: both domain folders) or "supplemental"."""
+    split: "train", "test" (2021: both domain folders, or the one there is: a test set of one
+    domain, whose other domain's figures evaluate reports as undefined) or "supplemental"."""
     subdirs = get_year(year).test_dirs if split == "test" else (split,)
+    present = tuple(sub for sub in subdirs if (Path(folder) / machine / sub).is_dir())
+    subdirs = present if len(subdirs) > 1 and present else subdirs
     clips = []
     for sub in subdirs:
         where = Path(folder) / machine / sub

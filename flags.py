@@ -101,6 +101,10 @@ def build_parser(system=None, year=2020, quick=False):
     p.add_argument("paths", nargs="+", help="wav files, and folders searched for *.wav")
     p.add_argument("--model", required=True, help="a model folder written by train")
     p.add_argument("--csv", default=None, help="also write file,score,decision to this CSV")
+    p.add_argument("--plot", default=None, metavar="SVG",
+                   help="also draw the histogram of the scores against the threshold and the "
+                        "held-out normal clips' scores it was fitted to, into this SVG file")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --plot file")
     add_host_flags(p)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: CUDA when available")
@@ -113,6 +117,10 @@ def build_parser(system=None, year=2020, quick=False):
     add_run_flags(p)
     p.add_argument("--ground-truth", default=None,
                    help="eval part: folder holding ground_truth_data/ (default: the data dir)")
+    p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
+                   help="also write results.html (the table and the pictures, for a browser) "
+                        "and plots/<machine>.svg: ROC curves per section and domain with the "
+                        "pAUC region shaded, test score histograms with the threshold")
     add_download_parsers(sub, fmt)
     add_data_parsers(sub, fmt, system, year, quick)
     return parser

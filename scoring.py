@@ -9,8 +9,9 @@ y-kawagu/dcase2020_task2_evaluator (evaluator.py), y-kawagu/dcase2021_task2_eval
 the nttcslab dcase2022..2025_task2_evaluator scripts (one rule from 2022 on). The results
 table (`comparison_rows`, CSV and Markdown) sets the official AE baseline's published
 development-set figures (`BASELINE_DEV`, each with its source) beside ours.
-Left out: the evaluators' jackknife confidence intervals, plots and per-attribute tables,
-and reading the ground truth (the dataset module's job: rows arrive here already labelled).
+Left out: the evaluators' jackknife confidence intervals and per-attribute tables, drawing
+(plots.py draws the ROC points given here), and reading the ground truth (the dataset
+module's job: rows arrive here already labelled).
 """
 import csv
 import math
@@ -106,14 +107,49 @@ def partial_auc(y_true, y_score, max_fpr=MAX_FPR):
     fpr, tpr = _roc_curve(*_check_binary(y_true, y_score))
     if max_fpr == 1:
         return _trapezoid(fpr, tpr)  # sklearn returns the plain AUC here, no McClish step
+    area = _trapezoid(*roc_up_to(fpr, tpr, max_fpr))
+    # McClish (1989): map [area of the diagonal, area of a perfect curve] onto [0.5, 1]
+    min_area, max_area = 0.5 * max_fpr**2, max_fpr
+    return float(0.5 * (1 + (area - min_area) / (max_area - min_area)))
+
+
+def roc_points(y_true, y_score):
+    """The ROC curve as sklearn.metrics.roc_curve(y_true, y_score) gives it (with
+    drop_intermediate=True): the points the AUC above sums, for plots. Returns fpr, tpr, both
+    (P,), from (0, 0) to (1, 1), fpr non-decreasing."""
+    return _roc_curve(*_check_binary(y_true, y_score))
+
+
+def figure_subsets(year, label, domain):
+    """Which clips of one section each official figure of `year` takes, for drawing them:
+    [(name, mask, keys)], mask (N,) bool over the section's clips, keys the figures of
+    official_score's section row computed on those clips ("pauc" among them: its curve holds
+    the pAUC). Subsets without both classes (a domain absent from the test set) are left out.
+      2020: every clip (auc, pauc);
+      2021: each domain's own clips (auc, pauc of that domain's row);
+      2022+: each domain's normals with all anomalies (auc_<domain>); every clip (pauc)."""
+    label, domain = np.asarray(label), np.asarray(domain, dtype=object)
+    every = np.ones(label.shape, dtype=bool)
+    if year == 2020:
+        subsets = [("all clips", every, ("auc", "pauc"))]
+    elif year == 2021:
+        subsets = [(d, domain == d, ("auc", "pauc")) for d in DOMAINS]
+    else:
+        subsets = [(d, (domain == d) | (label == 1), (f"auc_{d}",)) for d in DOMAINS]
+        subsets.append(("all clips", every, ("pauc",)))
+    return [(name, mask, keys) for name, mask, keys in subsets
+            if np.any(label[mask] == 0) and np.any(label[mask] == 1)]
+
+
+def roc_up_to(fpr, tpr, max_fpr):
+    """The part of an ROC curve (roc_points) with fpr <= max_fpr < 1, closed by the point
+    linearly interpolated at max_fpr, as sklearn does: the curve under which the pAUC is taken.
+    Returns fpr, tpr, both (K,)."""
     # first point beyond max_fpr; fpr[-1] = 1 > max_fpr, so it always exists
     stop = int(np.searchsorted(fpr, max_fpr, side="right"))
     f0, f1, t0, t1 = fpr[stop - 1], fpr[stop], tpr[stop - 1], tpr[stop]
     tpr_at_max = (t1 - t0) / (f1 - f0) * (max_fpr - f0) + t0  # linear, as np.interp
-    area = _trapezoid(np.r_[fpr[:stop], max_fpr], np.r_[tpr[:stop], tpr_at_max])
-    # McClish (1989): map [area of the diagonal, area of a perfect curve] onto [0.5, 1]
-    min_area, max_area = 0.5 * max_fpr**2, max_fpr
-    return float(0.5 * (1 + (area - min_area) / (max_area - min_area)))
+    return np.r_[fpr[:stop], max_fpr], np.r_[tpr[:stop], tpr_at_max]
 
 
 def precision_recall_f1(y_true, y_decision):
@@ -205,7 +241,9 @@ def _require_both_classes(label, where):
 
 
 def _add_decisions(out, label, decision, suffix=""):
-    if decision is not None:
+    if decision is not None and label.size == 0:     # a domain absent from the test set
+        out.update({f"precision{suffix}": None, f"recall{suffix}": None, f"f1{suffix}": None})
+    elif decision is not None:
         p, r, f = precision_recall_f1(label, decision)
         out.update({f"precision{suffix}": p, f"recall{suffix}": r, f"f1{suffix}": f})
 
@@ -221,19 +259,34 @@ def _rows_2020(machine, section, g):
     return [out]
 
 
+def _missing(domain, n_normal, n_anomaly):
+    """Why a domain's figure is undefined: the class (or every clip) it lacks."""
+    return (f"no {domain} clips" if n_normal + n_anomaly == 0 else
+            f"no {domain} normal clips" if n_normal == 0 else f"no {domain} anomalous clips")
+
+
 def _rows_2021(machine, section, g):
-    """2021: one row per (machine, section, domain), on that domain's own clips only."""
+    """2021: one row per (machine, section, domain), on that domain's own clips only. A domain
+    without both classes (a test set of one domain) keeps its row, with AUC and pAUC None and
+    the reason in row["undefined"]; a section with no domain to score is an error."""
     rows = []
     for domain in DOMAINS:
         mine = g["domain"] == domain
         label, score = g["label"][mine], g["score"][mine]
-        where = f"machine {machine} section {section} domain {domain}"
-        n_normal, n_anomaly = _require_both_classes(label, where)
-        out = {"machine": machine, "section": section, "domain": domain,
-               "auc": roc_auc(label, score), "pauc": partial_auc(label, score),
-               "n_normal": n_normal, "n_anomaly": n_anomaly}
+        n_normal, n_anomaly = int(np.sum(label == 0)), int(np.sum(label == 1))
+        out = {"machine": machine, "section": section, "domain": domain, "auc": None,
+               "pauc": None, "n_normal": n_normal, "n_anomaly": n_anomaly}
+        if n_normal and n_anomaly:
+            out.update(auc=roc_auc(label, score), pauc=partial_auc(label, score))
+        else:
+            out["undefined"] = dict.fromkeys(("auc", "pauc"),
+                                             _missing(domain, n_normal, n_anomaly))
         _add_decisions(out, label, None if g["decision"] is None else g["decision"][mine])
         rows.append(out)
+    if all("undefined" in r for r in rows):
+        reasons = "; ".join(r["undefined"]["auc"] for r in rows)
+        raise ScoringError(f"machine {machine} section {section}: {reasons}; AUC needs normal "
+                           "and anomalous clips of one domain at least")
     return rows
 
 
@@ -241,7 +294,9 @@ def _rows_2022(machine, section, g):
     """2022-2025: one row per (machine, section). AUC_<domain> takes that domain's normals
     and the anomalies of BOTH domains; pAUC takes every clip of the section. 'auc' is the
     evaluator's "AUC (all)" over every clip, reported but not part of the official score.
-    Precision/recall/F1 are per domain on that domain's clips, keys suffixed _source/_target."""
+    Precision/recall/F1 are per domain on that domain's clips, keys suffixed _source/_target.
+    A domain without normal clips (a test set of one domain) has AUC_<domain> None, with the
+    reason in out["undefined"]; pAUC and the other domain's AUC are still defined."""
     label, score, domain = g["label"], g["score"], g["domain"]
     n_normal, n_anomaly = _require_both_classes(label, f"machine {machine} section {section}")
     out = {"machine": machine, "section": section, "domain": None,
@@ -249,8 +304,10 @@ def _rows_2022(machine, section, g):
            "n_normal": n_normal, "n_anomaly": n_anomaly}
     for d in DOMAINS:
         if not np.any((domain == d) & (label == 0)):
-            raise ScoringError(f"machine {machine} section {section} domain {d} has no "
-                               "normal clips; AUC_" + d + " is undefined")
+            out[f"auc_{d}"] = None
+            out.setdefault("undefined", {})[f"auc_{d}"] = _missing(
+                d, 0, int(np.sum((domain == d) & (label == 1))))
+            continue
         subset = (domain == d) | (label == 1)
         out[f"auc_{d}"] = roc_auc(label[subset], score[subset])
     for d in DOMAINS:
@@ -271,7 +328,10 @@ def _machine_summary(year, rows):
     """Per machine type means of its section rows: arithmetic in 2020, harmonic (EPS-floored)
     from 2021, as in the evaluators' "Average" / "harmonic mean" lines."""
     rule = "arithmetic" if year == 2020 else "harmonic"
-    mean = _arithmetic_mean if year == 2020 else _harmonic_mean
+    plain = _arithmetic_mean if year == 2020 else _harmonic_mean
+
+    def mean(values):     # None where a figure is undefined (a domain absent from the test set)
+        return None if any(v is None for v in values) else plain(values)
     out = {"mean_rule": rule}
     if year >= 2022:
         # the evaluator's machine "AUC" pools the source and target AUCs of all its sections
@@ -307,6 +367,9 @@ def official_score(year, rows):
       2021: harmonic mean of the AUCs and pAUCs of all (machine, section, domain).
       2022-2025: harmonic mean of AUC_source, AUC_target and pAUC of all (machine, section).
     Harmonic means floor every value at EPS first, as the evaluators do.
+    A test set without one domain (2021-2025) leaves that domain's figures None (each section
+    row says why in "undefined"), every mean that needs them None, and the official score None:
+    the official score needs both domains. `undefined_line` says so in one line.
     Returns a JSON-serialisable dict: year, official_score, sections (list of dicts, one per
     (machine, section) or, in 2021, per (machine, section, domain)) and machines
     ({machine: {auc, pauc, score, mean_rule, ...}}).
@@ -318,7 +381,8 @@ def official_score(year, rows):
                 for r in make_rows(machine, section, g)]
     figures = [x for r in sections for x in _official_figures(year, r)]
     # 2020 has no official single number: arithmetic mean over every ID, ASDKit's convention
-    score = _arithmetic_mean(figures) if year == 2020 else _harmonic_mean(figures)
+    score = (None if any(x is None for x in figures) else
+             _arithmetic_mean(figures) if year == 2020 else _harmonic_mean(figures))
     machines = {}
     for machine in dict.fromkeys(r["machine"] for r in sections):
         machines[machine] = _machine_summary(year, [r for r in sections if r["machine"] == machine])
@@ -340,17 +404,43 @@ def format_table(result):
               for metric, _, domain in (k.partition("_") for k in keys)]
     head = f"{'machine':<14} {'section':<8} {'domain':<7}" + "".join(f" {t:>10}" for t in titles)
     lines = [f"DCASE {year} Task 2, rules of the {year} evaluator", head, "-" * len(head)]
+    def cell(v):               # "-": undefined, a domain absent from the test set
+        return f" {'-':>10}" if v is None else f" {v:>10.4f}"
     for r in result["sections"]:
-        cells = "".join(f" {r[k]:>10.4f}" for k in keys)
+        cells = "".join(cell(r[k]) for k in keys)
         lines.append(f"{r['machine']:<14} {r['section']:<8} {r['domain'] or '':<7}{cells}")
     lines.append("-" * len(head))
     for machine, m in result["machines"].items():
-        cells = "".join(f" {m[k]:>10.4f}" for k in keys)
+        cells = "".join(cell(m[k]) for k in keys)
         lines.append(f"{machine:<14} {'all':<8} {m['mean_rule'][0] + '-mean':<7}{cells}")
     rule = "arithmetic" if year == 2020 else "harmonic"
-    lines.append(f"official score ({rule} mean of "
-                 f"{', '.join(titles[:n_official])}): {result['official_score']:.4f}")
+    score = result["official_score"]
+    lines.append(f"official score ({rule} mean of {', '.join(titles[:n_official])}): "
+                 + ("undefined" if score is None else f"{score:.4f}"))
     return "\n".join(lines)
+
+
+FIGURE_TITLES = {"auc": "AUC", "pauc": "pAUC", "auc_source": "AUC source",
+                 "auc_target": "AUC target"}
+
+
+def undefined_line(result):
+    """One line naming the figures of an official_score() result that are undefined, and why
+    (a domain absent from the test set); None when every figure is defined."""
+    missing = {}                              # (figures, reason) -> ["fan 00", ...]
+    for r in result["sections"]:
+        by_reason = {}
+        for key, reason in r.get("undefined", {}).items():
+            by_reason.setdefault(reason, []).append(FIGURE_TITLES[key])
+        for reason, figures in by_reason.items():
+            missing.setdefault((" and ".join(figures), reason), []).append(
+                f"{r['machine']} {r['section']}")
+    if not missing:
+        return None
+    parts = [f"{figure} of {', '.join(where)} ({reason})"
+             for (figure, reason), where in missing.items()]
+    return (f"undefined: {'; '.join(parts)}. The official {result['year']} score needs these "
+            "figures of both domains, so there is none; every other figure above is defined.")
 
 
 # ---------------------------------------------------------------------------------------

@@ -104,8 +104,9 @@ def meta_yaml(*, label, name, abbreviation, authors, about, threshold, n_paramet
         for machine, m in dev_results["machines"].items():
             lines.append(f"    {machine}:")
             for key in ("auc", "auc_source", "auc_target", "pauc"):
-                if key in m:
-                    lines.append(f"      {key}: {q(round(m[key] * 100, 2))}")
+                if key in m:           # None: undefined (a domain absent from the test set)
+                    value = None if m[key] is None else round(m[key] * 100, 2)
+                    lines.append(f"      {key}: {q(value)}")
     lines.append(f"written: {q(time.strftime('%Y-%m-%d %H:%M:%S'))}")
     return "\n".join(lines) + "\n"
 

@@ -68,6 +68,23 @@ def test_list_clips_errors_name_the_folder(tmp_path):
         data.list_clips(tmp_path, year=2022, machine="fan", split="train")
 
 
+def test_2021_test_set_of_one_domain_lists_that_domain(tmp_path):
+    """A 2021 set with source_test/ only (a test set of one domain) lists its clips; evaluate
+    then reports the target figures as undefined. With neither folder: the error names one."""
+    synth.synthesize(tmp_path, year=2021, machines=["valve"], n_train=2, n_test=2)
+    folder = data.part_dir(tmp_path, 2021, "dev")
+    for clip in (folder / "valve/target_test").iterdir():
+        clip.unlink()
+    (folder / "valve/target_test").rmdir()
+    clips = data.list_clips(folder, year=2021, machine="valve", split="test")
+    assert {c.domain for c in clips} == {"source"} and len(clips) == 2 * 2 * 2
+    for clip in (folder / "valve/source_test").iterdir():
+        clip.unlink()
+    (folder / "valve/source_test").rmdir()
+    with pytest.raises(data.DataError, match=r"valve/source_test: folder not found"):
+        data.list_clips(folder, year=2021, machine="valve", split="test")
+
+
 @pytest.mark.parametrize("year", range(2020, 2026))
 def test_synthetic_sets_have_each_years_layout(tmp_path, year):
     n = synth.synthesize(tmp_path, year=year, n_train=10, n_test=2)

@@ -13,7 +13,8 @@ import flags
 import systems
 
 ROOT = Path(__file__).resolve().parents[1]
-LIBRARY = ("data", "features", "augment", "models", "losses", "train", "detectors", "scoring")
+LIBRARY = ("data", "features", "augment", "models", "losses", "train", "detectors", "scoring",
+           "plots")
 
 
 def parse(*argv):
@@ -100,6 +101,7 @@ def test_import_rules_of_the_design():
     for name in ("augment", "detectors"):
         assert imports_of(ROOT / f"{name}.py") <= {"numpy", "torch"}, name
     assert imports_of(ROOT / "train.py") <= {"contextlib", "time", "pathlib", "torch", "data"}
+    assert imports_of(ROOT / "plots.py") <= {"html", "numpy", "scoring"}   # draws, knows no model
     assert not (ROOT / "systems.py").exists()
 
 

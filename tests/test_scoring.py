@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import scipy.stats
-from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
+from sklearn.metrics import precision_recall_fscore_support, roc_auc_score, roc_curve
 
 import scoring
 from scoring import ScoringError
@@ -59,6 +59,20 @@ def test_auc_all_tied_and_tiny_sets():
     assert scoring.roc_auc([0, 1], [0.0, 1.0]) == 1.0
     assert scoring.partial_auc([0, 1], [1.0, 0.0]) == pytest.approx(
         0.5 * (1 - 0.005 / 0.095))  # area 0 after McClish
+
+
+def test_roc_points_are_sklearns_roc_curve():
+    rng = np.random.default_rng(2)
+    for n in (2, 3, 7, 40, 200):
+        for decimals in (None, 1, 0):                    # no ties, some, many
+            y = rng.integers(0, 2, size=n)
+            y[:2] = (0, 1)
+            s = rng.normal(size=n) + 0.8 * y
+            s = s if decimals is None else np.round(s, decimals)
+            fpr, tpr = scoring.roc_points(y, s)
+            ref_fpr, ref_tpr, _ = roc_curve(y, s)
+            np.testing.assert_array_equal(fpr, ref_fpr)
+            np.testing.assert_array_equal(tpr, ref_tpr)
 
 
 @pytest.mark.parametrize("y, s", [([0, 0, 0], [0.1, 0.2, 0.3]), ([1, 1], [0.1, 0.2])])
@@ -212,10 +226,11 @@ def test_unknown_year_and_missing_data():
     rows = _rows("fan", "00", "source", [0, 1], [0.1, 0.2])
     with pytest.raises(ScoringError, match="2020, 2021, 2022, 2023, 2024, 2025"):
         scoring.official_score(2019, rows)
-    with pytest.raises(ScoringError, match="machine fan section 00 domain target"):
-        scoring.official_score(2021, rows)  # no target clips
-    with pytest.raises(ScoringError, match="machine fan section 00 domain target"):
-        scoring.official_score(2023, rows)
+    with pytest.raises(ScoringError, match="machine fan section 00: no source anomalous "
+                                           "clips; no target clips; AUC needs"):
+        scoring.official_score(2021, _rows("fan", "00", "source", [0, 0], [0.1, 0.2]))
+    with pytest.raises(ScoringError, match="machine fan section 00 has 2 normal and 0"):
+        scoring.official_score(2023, _rows("fan", "00", "source", [0, 0], [0.1, 0.2]))
     with pytest.raises(ScoringError, match="machine fan id 00"):
         scoring.official_score(2020, _rows("fan", "00", None, [0, 0], [0.1, 0.2]))
     with pytest.raises(ScoringError, match="decision"):
@@ -242,6 +257,68 @@ def test_precision_recall_f1_match_sklearn():
     assert (tgt["precision"], tgt["recall"], tgt["f1"]) == pytest.approx((p2, r2, f2))
     sec = scoring.official_score(2024, rows)["sections"][0]
     assert (sec["precision_target"], sec["f1_source"]) == pytest.approx((p2, f))
+
+
+def _source_only(seed):
+    """Two sections of source clips only (the BLDC sample's form): 8 normal, 6 anomalous each."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for section in ("00", "01"):
+        y = np.r_[np.zeros(8, int), np.ones(6, int)]
+        rows += _rows("fan", section, "source", y.tolist(), (rng.normal(size=14) + y).tolist(),
+                      rng.integers(0, 2, size=14).tolist())
+    return rows
+
+
+@pytest.mark.parametrize("year", [2021, 2022, 2023, 2024, 2025])
+def test_one_domain_gives_every_defined_figure_and_says_which_are_undefined(year):
+    rows = _source_only(seed=year)
+    result = scoring.official_score(year, rows)
+    auc_key = "auc" if year == 2021 else "auc_source"
+    source = [r for r in result["sections"] if r["domain"] in ("source", None)]
+    for r in source:
+        mine = [x for x in rows if x["section"] == r["section"]]
+        y, s = [x["label"] for x in mine], [x["score"] for x in mine]
+        assert r[auc_key] == pytest.approx(roc_auc_score(y, s), abs=AUC_ATOL)
+        assert r["pauc"] == pytest.approx(roc_auc_score(y, s, max_fpr=0.1), abs=AUC_ATOL)
+    fan = result["machines"]["fan"]
+    if year == 2021:                           # the machine's AUC would need the target rows
+        assert fan["auc"] is None
+    else:
+        assert fan["auc_source"] == pytest.approx(scipy.stats.hmean([r[auc_key] for r in source]))
+    assert result["official_score"] is None and fan["score"] is None
+    if year == 2021:                           # the target rows are there, every figure None
+        target = [r for r in result["sections"] if r["domain"] == "target"]
+        assert [(r["auc"], r["pauc"], r["f1"]) for r in target] == [(None, None, None)] * 2
+    else:
+        assert all(r["auc_target"] is None and r["f1_target"] is None for r in source)
+        assert fan["pauc"] == pytest.approx(scipy.stats.hmean([r["pauc"] for r in source]))
+    line = scoring.undefined_line(result)
+    figures = "AUC and pAUC" if year == 2021 else "AUC target"
+    assert line.startswith(f"undefined: {figures} of fan 00, fan 01 (no target clips). The "
+                           f"official {year} score needs these figures of both domains"), line
+    text = scoring.format_table(result)
+    assert text.endswith("undefined") and "\n" not in line
+    json.dumps(result)
+    assert scoring.undefined_line(scoring.official_score(year, _two_domain_section(
+        "fan", "00", seed=1)[1])) is None
+
+
+@pytest.mark.parametrize("year", [2020, 2021, 2022, 2025])
+def test_figure_subsets_are_the_clips_each_official_figure_takes(year):
+    _, rows = _two_domain_section("fan", "00", seed=7)
+    (section, *_) = scoring.official_score(year, rows)["sections"]
+    y = np.array([r["label"] for r in rows])
+    s = np.array([r["score"] for r in rows])
+    subsets = scoring.figure_subsets(year, y, [r["domain"] for r in rows])
+    assert len(subsets) == {2020: 1, 2021: 2}.get(year, 3)
+    rows_of = {r["domain"]: r for r in scoring.official_score(year, rows)["sections"]}
+    for name, mask, keys in subsets:
+        row = rows_of.get(name, section)
+        for key in keys:
+            ref = (roc_auc_score(y[mask], s[mask], max_fpr=0.1) if key == "pauc"
+                   else roc_auc_score(y[mask], s[mask]))
+            assert row[key] == pytest.approx(ref, abs=AUC_ATOL), (name, key)
 
 
 def test_format_table_lists_every_line():
