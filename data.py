@@ -433,6 +433,47 @@ def truth_from_tables(gt, *, year):
 
 
 # --------------------------------------------------------------------------------------------
+# What a system trains on: its declaration resolved into clips
+
+def training_clips(data_root, year, machine, part, *, additional=False, paper="", log=print):
+    """The training clips of one machine type, as a system declares them (its
+    `training_data`): the part's train folder; for --part eval of a type that is also in the
+    dev set (2020-2022), the dev set's training clips first, as the baselines trained for
+    evaluation; with `additional`, dev runs also take the additional training sections
+    (eval_data/<machine>/train, 2020-2022), as JLESS and Narita did. Where those are not on
+    disk, training goes on with what is there and one line names the missing sections, what
+    the paper used (`paper`) and the command that fetches them."""
+    spec = get_year(year)
+    clips = list_clips(part_dir(data_root, year, part), year=year, machine=machine, split="train")
+    if part == "eval" and machine in spec.dev:
+        dev = part_dir(data_root, year, "dev")
+        return list_clips(dev, year=year, machine=machine, split="train") + clips
+    if part == "dev" and additional and machine in spec.eval:
+        extra = part_dir(data_root, year, "eval")
+        if (extra / machine / "train").is_dir():
+            return clips + list_clips(extra, year=year, machine=machine, split="train")
+        log(f"{machine}: the additional training sections {', '.join(spec.eval[machine])} "
+            f"({extra / machine / 'train'}) are not there, so this trains on sections "
+            f"{', '.join(sorted({c.section for c in clips}))} only; the paper used {paper}; "
+            f"fetch them: python asd.py download --year {year} --machine {machine} --part "
+            f"train --data-root {data_root}")
+    return clips
+
+
+def clip_groups(clips):
+    """What a network saw, for model.json's "trained_on": one {"machine", "part", "section",
+    "clips"} per group, sorted; the part is the clip's part folder (dev_data -> dev), or the
+    folder's own name outside the standard layout."""
+    counts = {}
+    for c in clips:
+        part = c.path.parents[2].name if len(c.path.parents) > 2 else ""
+        key = (c.machine, part.removesuffix("_data"), c.section)
+        counts[key] = counts.get(key, 0) + 1
+    return [{"machine": m, "part": p, "section": s, "clips": n}
+            for (m, p, s), n in sorted(counts.items())]
+
+
+# --------------------------------------------------------------------------------------------
 # Held-out normals for the decision threshold
 
 MIN_HELD_OUT = 8   # clips: a gamma fitted to fewer scores is a guess
@@ -451,6 +492,22 @@ def hold_out(clips, share, *, seed):
     held = set(random.Random(seed).sample(source, n))
     return ([c for i, c in enumerate(clips) if i not in held],
             [c for i, c in enumerate(clips) if i in held])
+
+
+def split_held_out(clips, share, *, seed):
+    """hold_out applied to each training folder (<part>_data/<machine>/train) of `clips` on its
+    own, seeded by the seed and the folder's name: every run of a year, whatever machine type
+    or system it trains, holds out the same clips of a folder. So a model shared by several
+    machine types never trains on a clip that one of them fits its threshold to. (fit, held)."""
+    folders = {}
+    for c in clips:
+        folders.setdefault(c.path.parent, []).append(c)
+    fit, held = [], []
+    for folder, group in folders.items():
+        name = "/".join(folder.parts[-3:])                  # e.g. dev_data/fan/train
+        f, h = hold_out(group, share, seed=f"{seed}/{name}")
+        fit, held = fit + f, held + h
+    return fit, held
 
 
 # --------------------------------------------------------------------------------------------
