@@ -1,6 +1,10 @@
 """The year table, file-name parsing for every year's patterns, clip listing, the organisers'
 ground-truth tables, the synthetic data sets; and the real clips of ../shared/data."""
 import collections
+import json
+import multiprocessing
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -190,3 +194,55 @@ def test_real_2024_roboticarm_eval_clips_labelled_by_the_organisers_tables():
         ("target", "normal"): 14, ("target", "anomaly"): 16}
     first = next(c for c in test if c.name == "section_00_0000.wav")
     assert (first.domain, first.label, first.attributes) == ("source", "normal", "weight15_BckgF")
+
+
+def _hold_lock(path, ready, release):
+    """In a child process: hold data.lock on `path` until `release` is set."""
+    with data.lock(path, what="model x", wait=False):
+        ready.set()
+        release.wait(10)
+
+
+def test_lock_refuses_or_waits_while_another_process_holds_it_and_dies_with_it(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    path = tmp_path / "x.lock"
+    ready, release = ctx.Event(), ctx.Event()
+    child = ctx.Process(target=_hold_lock, args=(path, ready, release))
+    child.start()
+    assert ready.wait(10)
+    with pytest.raises(data.Busy, match=rf"another run \(pid {child.pid}, started .*\) is "
+                                        r"building model x; wait for it or stop it"):
+        with data.lock(path, what="model x", wait=False):
+            pass
+    lines = []
+    threading.Timer(0.3, release.set).start()      # the holder lets go soon
+    with data.lock(path, what="model x", wait=True, log=lines.append):
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+    assert len(lines) == 1 and f"pid {child.pid}" in lines[0]
+    assert not path.exists()                       # removed on release
+    child.join(10)
+    killed = ctx.Process(target=_hold_lock, args=(path, ready, ctx.Event()))
+    ready.clear()
+    killed.start()
+    assert ready.wait(10)
+    killed.kill()
+    killed.join(10)                                # the kernel frees a dead holder's lock
+    with data.lock(path, what="model x", wait=False):
+        pass
+
+
+def test_held_out_clips_of_a_folder_are_the_same_whatever_else_trains(tmp_path):
+    """A machine type's run and a run whose pool adds other folders hold out the same clips of
+    it: a shared model never trains on a clip another run fits its threshold to."""
+    synth.synthesize(tmp_path, year=2022, machines=["valve", "fan"], n_train=12, n_test=1)
+    listed = {(part, m): data.list_clips(data.part_dir(tmp_path, 2022, part), year=2022,
+                                         machine=m, split="train")
+              for part in ("dev", "eval") for m in ("valve", "fan")}
+    _, alone = data.split_held_out(listed["dev", "valve"], 0.1, seed=0)
+    fit, held = data.split_held_out([c for v in listed.values() for c in v], 0.1, seed=0)
+    assert len(alone) >= 2 and set(alone) <= set(held) and not set(fit) & set(held)
+    assert {c.path.parent for c in held} == {v[0].path.parent for v in listed.values()}
+    assert set(data.split_held_out(listed["dev", "valve"], 0.1, seed=1)[1]) != set(alone)
+    assert data.clip_groups(alone) == [{"machine": "valve", "part": "dev", "section": s,
+                                        "clips": sum(c.section == s for c in alone)}
+                                       for s in sorted({c.section for c in alone})]
