@@ -10,7 +10,9 @@ import download
 import synth
 import systems
 
-DESCRIPTION = "asd: unsupervised anomalous sound detection, the DCASE Task 2 systems of 2020-2025."
+DESCRIPTION = "asd: unsupervised anomalous sound detection, the DCASE Task 2 systems of 2020-2026."
+# --channel's choices (features.CHANNELS, written here too: flags.py imports no torch)
+CHANNELS = ("near", "far", "mean", "both")
 
 
 def add_run_flags(p):
@@ -27,6 +29,15 @@ def add_run_flags(p):
     p.add_argument("--out", default="runs", help="runs go to OUT/dcase<YEAR>/<system>/<part>/ "
                    "(train --normal-dir: the model folder itself)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+
+
+def add_channel_flag(p):
+    """--channel: which channel of the stereo 2026 clips a run reads."""
+    p.add_argument("--channel", default=None, choices=CHANNELS,
+                   help="2026 (stereo) only: near = channel 0, the near microphone (the "
+                        "official baseline's; train's default), far = channel 1, mean = their "
+                        "mean, both = both (only for a system that declares two channels); "
+                        "test and score: the model's")
 
 
 def count(text):
@@ -91,7 +102,7 @@ def build_parser(system=None, year=2020, quick=False):
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("train", help="train one machine type's model, or your own machine's",
                        formatter_class=fmt)
-    add_run_flags(p), add_model_flags(p, system, year, quick)
+    add_run_flags(p), add_model_flags(p, system, year, quick), add_channel_flag(p)
     p.add_argument("--machine", default=None, help="machine type, e.g. valve")
     p.add_argument("--normal-dir", default=None,
                    help="instead of --machine: a folder of your own machine's normal recordings "
@@ -101,12 +112,12 @@ def build_parser(system=None, year=2020, quick=False):
     p.add_argument("paths", nargs="+", help="wav files, and folders searched for *.wav")
     p.add_argument("--model", required=True, help="a model folder written by train")
     p.add_argument("--csv", default=None, help="also write file,score,decision to this CSV")
-    add_host_flags(p)
+    add_host_flags(p), add_channel_flag(p)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: CUDA when available")
     p = sub.add_parser("test", help="score the test clips; write the submission CSVs",
                        formatter_class=fmt)
-    add_run_flags(p), add_compute_flags(p)
+    add_run_flags(p), add_compute_flags(p), add_channel_flag(p)
     p.add_argument("--machine", required=True, help="machine type, e.g. valve")
     p = sub.add_parser("evaluate", help="official score from the result CSVs and the labels",
                        formatter_class=fmt)
@@ -175,7 +186,7 @@ def add_data_parsers(sub, fmt, system, year, quick):
     p.add_argument("--force", action="store_true", help="overwrite an earlier demo's results")
     p.add_argument("--n-train", type=int, default=20, help="training clips per section")
     p.add_argument("--n-test", type=int, default=10, help="test clips per section/domain/label")
-    add_model_flags(p, system, year, quick)
+    add_model_flags(p, system, year, quick), add_channel_flag(p)
     p.set_defaults(epochs=30, batch_size=64)   # small data: more steps
     p = sub.add_parser("list", help="years, systems, or a year's machines and sections",
                        formatter_class=fmt)

@@ -1,4 +1,4 @@
-"""Scores for DCASE Task 2, 2020-2025: ROC AUC and pAUC, the official score of each year,
+"""Scores for DCASE Task 2, 2020-2026: ROC AUC and pAUC, the official score of each year,
 the baselines' gamma decision threshold, and the submission files the evaluators read.
 
 AUC and pAUC are written by hand and follow `sklearn.metrics.roc_auc_score` exactly (ROC
@@ -38,6 +38,7 @@ RESULT_FILE_PATTERNS = {
     2023: "{kind}_{machine}_section_{section}_test.csv",
     2024: "{kind}_{machine}_section_{section}_test.csv",
     2025: "{kind}_{machine}_section_{section}_test.csv",
+    2026: "{kind}_{machine}_section_{section}_test.csv",   # the 2026 evaluator's plain form
 }
 
 
@@ -305,7 +306,8 @@ def official_score(year, rows):
       2020: the evaluator prints only per machine averages; like the ASDKit toolkit we
             report the arithmetic mean of all per-ID AUCs and pAUCs taken together.
       2021: harmonic mean of the AUCs and pAUCs of all (machine, section, domain).
-      2022-2025: harmonic mean of AUC_source, AUC_target and pAUC of all (machine, section).
+      2022-2026: harmonic mean of AUC_source, AUC_target and pAUC of all (machine, section)
+            (2026: unchanged, whichever channel the system read).
     Harmonic means floor every value at EPS first, as the evaluators do.
     Returns a JSON-serialisable dict: year, official_score, sections (list of dicts, one per
     (machine, section) or, in 2021, per (machine, section, domain)) and machines
