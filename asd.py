@@ -391,7 +391,7 @@ def cmd_evaluate(args, synthetic=False):
     rows = scoring.labelled_rows(run_dir(args) / "results", year=args.year, truth=truth)
     result = scoring.official_score(args.year, rows)
     header, rows = scoring.comparison_rows(result, with_baseline=args.part == "dev")
-    markdown = scoring.format_markdown(header, rows)
+    markdown = scoring.format_markdown(header, rows) + scoring.published_note(args.year, args.part)
     data.write_json(out, {**result, "args": {**run_args(args), **versions()}})
     data.write_text(run_dir(args) / "results.txt", scoring.format_table(result) + "\n")
     scoring.write_table_csv(run_dir(args) / "results.csv", header, rows)
@@ -440,16 +440,20 @@ def cmd_package(args):
                      f"fitted to {about.get('threshold_fitted_to', 'training')} scores")
     dev = run / "dev" / "results.json"
     cls = systems.get_system(args.system)
+    _, channel = _model_about(run / "eval" / "models" / machines[0])
     meta = submission.meta_yaml(
         label=args.label, name=args.name or systems.description(args.system),
         abbreviation=args.abbreviation or args.system[:10], authors=args.authors,
         about=cls.meta, threshold=threshold, n_parameters=max(sizes),
         machines=machines, missing=[m for m in data.get_year(args.year).eval if m not in machines],
         dev_results=json.loads(dev.read_text()) if dev.exists() else None,
-        source_code=args.source_code)
-    folder, n = submission.package(run / "eval" / "results",
-                                   Path(args.dest) / f"dcase{args.year}" / args.system,
-                                   year=args.year, label=args.label, meta_yaml=meta)
+        source_code=args.source_code, channel=channel)
+    dest = Path(args.dest) / f"dcase{args.year}" / args.system
+    if args.year >= 2026:                # the 2026 evaluator's layout: teams/<team>/<system>/
+        dest = dest / "teams" / (args.team or submission.team_of(args.label))
+    folder, n = submission.package(run / "eval" / "results", dest, year=args.year,
+                                   label=args.label, meta_yaml=meta, name_form=args.name_form
+                                   or ("both" if args.year >= 2026 else "plain"))
     warning = submission.truth_warning(args.year, data.part_dir(args.data_root, args.year, "eval"))
     if warning:
         print(warning)

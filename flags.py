@@ -163,6 +163,12 @@ def add_download_parsers(sub, fmt):
                    help="'Lastname, Firstname' of each author, the corresponding one first")
     p.add_argument("--source-code", default="asd (python asd.py train/test)",
                    help="where the code is published")
+    p.add_argument("--team", default=None, help="2026: the team folder of the evaluator's "
+                   "teams/<team>/<label>/ layout (default: the label less _task2_<n>)")
+    p.add_argument("--name-form", default=None, choices=("plain", "baseline", "both"),
+                   help="result file names: plain (anomaly_score_<m>_section_00_test.csv), the "
+                        "baseline's (..._DCASE<Y>T2<m>_section_00_test_seed13711_id(0_)_Eval.csv"
+                        ", 2023+) or both; default: both for 2026, else plain")
 
 
 def add_data_parsers(sub, fmt, system, year, quick):
