@@ -585,7 +585,8 @@ BASELINE_2026 = {
 def published_note(year, part):
     """Markdown lines giving the official baseline's published whole-set figures of `year`
     and `part` with their sources ("" where none: every year but 2026)."""
-    rows = [(name, f) for (p, name), f in BASELINE_2026.items() if p == part] if year == 2026 else []
+    rows = [(name, f) for (p, name), f in BASELINE_2026.items()
+            if p == part and year == 2026]
     lines = [f"- baseline {name}: " + ", ".join(f"{k} {f[k]:.2f}" for k in (
         "auc_source", "auc_target", "pauc", "score") if k in f) + f" (source: {f['source']})"
         for name, f in rows]
