@@ -133,6 +133,12 @@ def reading(*, channels: int, channel: str | None):
         _READING.reset(token)
 
 
+def channels_read() -> int:
+    """Channels each clip of this run gives: 2 under --channel both, else 1. A system that
+    declares `channels = 2` sizes its input by it."""
+    return 2 if _READING.get()[1] == "both" else 1
+
+
 def _channel_key() -> dict:
     """The cache key's part for the channel read: nothing for mono clips (keys as before)."""
     channels, channel = _READING.get()

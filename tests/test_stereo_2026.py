@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 from scipy.stats import hmean
 from sklearn.metrics import roc_auc_score
 
@@ -113,9 +114,25 @@ def test_channel_flags_are_checked_in_one_line(tmp_path, capsys):
     base = ["train", "--system", "ae", "--data-root", tmp_path, "--out", tmp_path]
     assert asd.main([*base, "--year", "2024", "--machine", "fan", "--channel", "far"]) == 2
     assert "--channel far: the DCASE 2024 clips are mono" in capsys.readouterr().err
+    base[2] = "midea2024"
     assert asd.main([*base, "--year", "2026", "--machine", "fan", "--channel", "both"]) == 2
     err = capsys.readouterr().err
-    assert "--channel both: ae reads one channel" in err and len(err.splitlines()) == 1
+    assert "--channel both: midea2024 reads one channel; systems that declare two: ae" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_the_ae_reads_both_channels(tmp_path):
+    """--channel both: the AE's vectors hold the near and the far log-mel bands of each frame
+    (2 x 128 x 5 values), and test reads the channels the model was trained on."""
+    synth.synthesize(tmp_path / "data", year=2026, machines=["fan"], n_train=10, n_test=2,
+                     eval_part=False)
+    run = ["--year", "2026", "--system", "ae", "--machine", "fan", "--data-root",
+           tmp_path / "data", "--out", tmp_path / "runs", "--cache-dir", tmp_path / "c"]
+    assert asd.main(["train", *run, "--quick", "--channel", "both"]) == 0
+    assert asd.main(["test", *run]) == 0
+    state = torch.load(tmp_path / "runs/dcase2026/ae/dev/models/fan/model.pt",
+                       weights_only=False)["state"]["model"]
+    assert {tuple(w.shape) for w in state.values()} >= {(128, 1280), (1280, 128)}
 
 
 def test_the_far_channel_is_harder_to_detect_with(tmp_path):
