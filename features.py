@@ -149,9 +149,9 @@ def _pick_channel(path, x, n_channels):
     """The run's channel of x (n_samples, n_channels), after checking the channel count."""
     channels, channel = _READING.get()
     if n_channels != channels:
-        fix = ("mix it down (e.g. sox in.wav -c 1 out.wav) or give the --year it belongs to"
-               if channels == 1 else "DCASE 2026 clips are stereo (near, far); give the --year "
-               "this mono clip belongs to")
+        fix = ("mix it down (e.g. sox in.wav -c 1 out.wav), or use the year it belongs to "
+               "(2026 is stereo)" if channels == 1 else "DCASE 2026 clips are stereo (near and "
+               "far microphone): use the year this mono clip belongs to")
         raise AudioError(f"{path}: {n_channels} channel{'s' * (n_channels != 1)}, expected "
                          f"{channels} for this year; {fix}")
     if channels == 1:
