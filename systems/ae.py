@@ -1,4 +1,4 @@
-"""AE: the official DCASE autoencoder baseline, 2020-2025 (Koizumi et al., and the organisers'
+"""AE: the official DCASE autoencoder baseline, 2020-2026 (Koizumi et al., and the organisers'
 baseline repositories).
 
 Input: 5 consecutive log-mel frames (128 mel bands, n_fft 1024, hop 512) stacked into one

@@ -218,3 +218,12 @@ def test_2026_end_to_end_through_main(tmp_path):
         assert (folder / name).read_bytes() == (folder / other).read_bytes()
     meta = (folder / "Smith_UniA_task2_2.meta.yaml").read_text()
     assert 'input_channel: "near"' in meta and "official_score:" in meta
+
+
+def test_download_picks_2026s_archives_by_machine_type():
+    """dev_ToyCar_r2.zip replaced dev_ToyCar.zip (2026-04-09); ToyCar is not ToyCarEmu."""
+    import download
+    files = [{"key": k, "size": 1, "md5": "0", "url": k} for k in (
+        "dev_ToyCar.zip", "dev_ToyCar_r2.zip", "dev_ToyCarEmu.zip", "dev_fan.zip")]
+    assert [f["key"] for f in download.archives_of(files, "ToyCar")] == ["dev_ToyCar_r2.zip"]
+    assert [f["key"] for f in download.archives_of(files, "ToyCarEmu")] == ["dev_ToyCarEmu.zip"]
