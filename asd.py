@@ -1,4 +1,4 @@
-"""asd: unsupervised anomalous sound detection, the DCASE Task 2 systems of 2020-2025.
+"""asd: unsupervised anomalous sound detection, the DCASE Task 2 systems of 2020-2026.
 
     python asd.py synth    --year 2020 --out data            a small synthetic data set
     python asd.py train    --year 2020 --machine valve       train one machine type's model
@@ -19,6 +19,7 @@ torch (and with it features, models and the systems' own modules) is imported on
 commands that train or score, so `list`, `--help` and `evaluate` start at once.
 """
 import argparse
+import contextlib
 import ctypes
 import hashlib
 import inspect
@@ -356,7 +357,7 @@ def _check_resume(partial, args):
         return
     old = json.loads((partial / "args.json").read_text())
     keys = ("system", "epochs", "batch_size", "lr", "seed", "year", "part", "quick",
-            "threshold_holdout", *systems.own_options(systems.get_system(args.system)))
+            "threshold_holdout", "channel", *systems.own_options(systems.get_system(args.system)))
     changed = [k for k in keys if old.get(k) != getattr(args, k)]
     if changed and not args.force:
         raise ValueError(f"{partial}: an interrupted run with other {', '.join(changed)} is "
@@ -507,7 +508,7 @@ def cmd_evaluate(args, synthetic=False):
     labelled = scoring.labelled_rows(run_dir(args) / "results", year=args.year, truth=truth)
     result = scoring.official_score(args.year, labelled)
     header, rows = scoring.comparison_rows(result, with_baseline=args.part == "dev")
-    markdown = scoring.format_markdown(header, rows)
+    markdown = scoring.format_markdown(header, rows) + scoring.published_note(args.year, args.part)
     undefined = scoring.undefined_line(result)
     text = scoring.format_table(result) + (f"\n{undefined}" if undefined else "")
     data.write_json(out, {**result, "args": {**run_args(args), **versions()}})
@@ -597,16 +598,20 @@ def cmd_package(args):
                      f"fitted to {about.get('threshold_fitted_to', 'training')} scores")
     dev = run / "dev" / "results.json"
     cls = systems.get_system(args.system)
+    _, channel = _model_about(run / "eval" / "models" / machines[0])
     meta = submission.meta_yaml(
         label=args.label, name=args.name or systems.description(args.system),
         abbreviation=args.abbreviation or args.system[:10], authors=args.authors,
         about=cls.meta, threshold=threshold, n_parameters=max(sizes),
         machines=machines, missing=[m for m in data.get_year(args.year).eval if m not in machines],
         dev_results=json.loads(dev.read_text()) if dev.exists() else None,
-        source_code=args.source_code)
-    folder, n = submission.package(run / "eval" / "results",
-                                   Path(args.dest) / f"dcase{args.year}" / args.system,
-                                   year=args.year, label=args.label, meta_yaml=meta)
+        source_code=args.source_code, channel=channel)
+    dest = Path(args.dest) / f"dcase{args.year}" / args.system
+    if args.year >= 2026:                # the 2026 evaluator's layout: teams/<team>/<system>/
+        dest = dest / "teams" / (args.team or submission.team_of(args.label))
+    folder, n = submission.package(run / "eval" / "results", dest, year=args.year,
+                                   label=args.label, meta_yaml=meta, name_form=args.name_form
+                                   or ("both" if args.year >= 2026 else "plain"))
     warning = submission.truth_warning(args.year, data.part_dir(args.data_root, args.year, "eval"))
     if warning:
         print(warning)
@@ -684,6 +689,48 @@ def cmd_bench(args):
         n_train=known.n_train))
 
 
+# --------------------------------------------------------------------------------------------
+# Channels: the stereo year (2026)
+
+
+def _model_about(model_dir):
+    """(model.json, the channel its training read) of a model folder; ({}, None) if absent."""
+    about, saved = Path(model_dir) / "model.json", Path(model_dir) / "args.json"
+    return (json.loads(about.read_text()) if about.exists() else {},
+            json.loads(saved.read_text()).get("channel") if saved.exists() else None)
+
+
+def read_channels(args):
+    """(channels per clip, channel read) for a train, test, score or demo run, and args.channel
+    set to it (so args.json records it): the year's channel count; train and demo read
+    --channel (2026 default: near, as the baseline); test and score read what the model was
+    trained on, and refuse another --channel. A --channel in a mono year is refused, as is
+    `both` for a system that does not declare two channels (class attribute channels = 2)."""
+    if args.command in ("test", "score"):
+        model = Path(args.model) if args.command == "score" else (
+            run_dir(args) / "models" / args.machine)
+        about, saved = _model_about(model)
+        year, system = about.get("year", getattr(args, "year", 2020)), about.get("system")
+    else:
+        year, system, saved = args.year, args.system, None
+    channels = data.get_year(year).channels
+    if channels == 1:
+        if args.channel:
+            raise ValueError(f"--channel {args.channel}: the DCASE {year} clips are mono; "
+                             f"--channel chooses a channel of the stereo 2026 clips")
+        return 1, None
+    if saved and args.channel and args.channel != saved:
+        raise ValueError(f"--channel {args.channel}: the model was trained on the {saved} "
+                         f"channel; give --channel {saved}, or train again on {args.channel}")
+    args.channel = args.channel or saved or "near"
+    if args.channel == "both" and system and getattr(systems.get_system(system),
+                                                     "channels", 1) < 2:
+        able = [n for n in systems.SYSTEMS if getattr(systems.get_system(n), "channels", 1) > 1]
+        raise ValueError(f"--channel both: {system} reads one channel; systems that declare "
+                         f"two: {', '.join(able) or 'none yet'}; choose near, far or mean")
+    return channels, args.channel
+
+
 COMMANDS = {"train": cmd_train, "score": cmd_score, "test": cmd_test, "evaluate": cmd_evaluate,
             "download": cmd_download, "package": cmd_package, "synth": cmd_synth, "demo": cmd_demo,
             "list": cmd_list, "bench": cmd_bench}
@@ -700,9 +747,14 @@ def main(argv=None):
             args.system = system
         elif getattr(args, "system", None) == "auto":
             args.system = data.get_year(args.year).system
+        reading = contextlib.nullcontext()
         if args.command in ("train", "test", "score", "demo"):
             start_torch(getattr(args, "seed", 0), args.threads, args.release_memory)
-        COMMANDS[args.command](args)
+            import features
+            channels, channel = read_channels(args)
+            reading = features.reading(channels=channels, channel=channel)
+        with reading:
+            COMMANDS[args.command](args)
     except (ValueError, OSError) as e:        # data, audio, scoring errors: one line, no trace
         if debug:
             raise

@@ -1,4 +1,4 @@
-"""The DCASE Task 2 data sets, 2020-2025: one table of the years, file-name parsing, clip listing
+"""The DCASE Task 2 data sets, 2020-2026: one table of the years, file-name parsing, clip listing
 and the organisers' ground-truth tables for the anonymised evaluation clips.
 
 `YEARS` is the single source of truth: machine types (dev and eval), their machine IDs (2020) or
@@ -15,6 +15,8 @@ On disk, one layout for every year, exactly as the organisers' archives unpack b
     <data-root>/dcase2020/eval_data/eval_data_list.csv         (2020: one list)
 
 2021 has `source_test/` and `target_test/` in place of `test/`; 2025 adds `supplemental/`.
+2026 is stereo (`Year.channels`): channel 0 the near microphone, "equivalent to the previous
+mono" (the baseline's README), channel 1 a far one; `supplemental/` is gone again.
 `normal_clips` reads a plain folder of your own machine's normal recordings instead.
 Facts follow the organisers' task pages and their baseline repositories (nttcslab).
 It also holds `write_atomic`, the one writer that every output file of asd goes through, and
@@ -51,6 +53,7 @@ class Year:
     system: str          # the year's default system: its seed paper; "ae" until that is built
     no_attribute: frozenset = field(default_factory=frozenset)  # attributes hidden in names
     extra_dirs: tuple = ()   # further clip folders (2025: supplemental/)
+    channels: int = 1        # channels of every clip (2026: 2, near and far microphone)
 
     @property
     def machines(self):
@@ -119,6 +122,23 @@ YEARS = {
                no_attribute=frozenset({"bearing", "slider", "ToyTrain", "AutoTrash",
                                        "Polisher", "ScrewFeeder", "ToyPet"}),
                extra_dirs=("supplemental",)),
+    # 2026 (nttcslab/dcase2023_task2_baseline_ae, branch 2026t2/v5.x.x: README.md,
+    # datasets/download_path_2026.yaml, machine_type_2026_{dev,eval}.yaml): dev record 19336329
+    # (dev_ToyCar_r2.zip replaced dev_ToyCar.zip on 2026-04-09; download takes the latest
+    # revision), additional training data 20151556 (eval_data_<m>_train.zip). The branch
+    # names no record for the evaluation test clips; 20437238 is Zenodo's page "DCASE 2026
+    # Challenge Task 2 Evaluation Dataset" (Hitachi, NTT, ...; read through a search, not from
+    # the organisers' repository), whose archives participants fetch as eval_data_<m>_test.zip.
+    # No MD5 is written here: download checks each archive against the record's own list.
+    # Which machine types hide their attributes (noAttribute) is not in these files: none here.
+    2026: Year(2026,
+               dev=_same(("ToyCar", "ToyCarEmu", "bearingEmu", "fan", "gearboxEmu",
+                          "sliderEmu", "valveEmu"), ("00",)),
+               eval=_same(("ToyDrone", "ToothBrush", "SewingMachine", "BlowerDustCollector",
+                           "Sander"), ("00",)),
+               test_dirs=("test",),
+               records={"dev": 19336329, "train": 20151556, "eval": 20437238},
+               system="ae", channels=2),
 }
 
 
@@ -140,6 +160,11 @@ NAME_PATTERNS = {
                       r"(?P<index>\d{4})\.wav$")],  # eval, anonymised
     2025: [re.compile(r"^section_(?P<section>\d\d)_(?P<domain>source|target)_supplemental_"
                       r"(?P<kind>[A-Za-z]+)_(?P<index>\d{4})(?:_(?P<attributes>.+))?\.wav$")],
+    # 2026: the baseline's README lists development clips with an empty attribute string,
+    # 'section_00_source_train_normal_0000_.wav'; the 2021 pattern with the trailing '_' kept
+    2026: [re.compile(r"^section_(?P<section>\d\d)_(?P<domain>source|target)_"
+                      r"(?P<split>train|test)_(?P<label>normal|anomaly)_(?P<index>\d{4})"
+                      r"_(?P<attributes>)\.wav$")],
 }
 DESCRIBE = {
     2020: "normal_id_00_00000000.wav, anomaly_id_00_00000000.wav or (eval) id_05_00000000.wav",
@@ -171,6 +196,7 @@ def parse_name(path, *, year, machine=None, split=None):
     machine = machine or path.parent.parent.name
     folder = split or path.parent.name
     patterns = NAME_PATTERNS[2020] if year == 2020 else NAME_PATTERNS[2021] + NAME_PATTERNS[2025]
+    patterns = patterns + (NAME_PATTERNS[2026] if year >= 2026 else [])
     for pattern in patterns:
         match = pattern.match(path.name)
         if match:

@@ -21,10 +21,19 @@ Also each system's deterministic input representation (Shinmura's spectrogram im
 log-power spectrogram; PANNs' 32 kHz log-mel for Narita 2021, the one place that resamples, on
 purpose) and the on-disk feature cache every system reads its inputs through (`clip_features`).
 
-Left out: resampling files and down-mixing (a wrong rate or channel count is an error, not a
-silent fix), other windows than Hann, and data augmentation (augment.py: anything random).
+Channels: 2020-2025 clips are mono, 2026 clips stereo (channel 0 near microphone, 1 far).
+load_wav checks the count against the run's (a stereo clip in a mono year, or a mono clip in
+2026, is one line naming the file) and returns the channel the run chose (CHANNELS). The
+choice is set once per run with `reading(channels=..., channel=...)`, which asd.py holds around
+a command, so that no system file passes it on; the feature cache's key carries it.
+
+Left out: resampling files and silent down-mixing (a wrong rate or channel count is an error,
+not a fix; `mean` is a down-mix asked for by name), other windows than Hann, and data
+augmentation (augment.py: anything random).
 """
 
+import contextlib
+import contextvars
 import functools
 import hashlib
 import json
@@ -74,6 +83,7 @@ LOG_MEL_BY_YEAR = {
     2023: dict(pad_mode="constant", floor="clip"),
     2024: dict(pad_mode="constant", floor="clip"),
     2025: dict(pad_mode="constant", floor="clip"),
+    2026: dict(pad_mode="constant", floor="clip"),  # the same baseline code, channel 0
 }
 
 
@@ -101,8 +111,60 @@ def _riff_problem(path: Path) -> str | None:
     return "no data chunk before the end of the file"
 
 
+# --channel: which channel of a stereo (2026) clip a run reads
+CHANNELS = {"near": "channel 0, the near microphone (the official baseline's input)",
+            "far": "channel 1, the far microphone (more environmental noise)",
+            "mean": "the mean of the two channels",
+            "both": "both channels, (2, n_samples); only for a system that declares channels = 2"}
+_READING = contextvars.ContextVar("reading", default=(1, None))  # (channels, choice) of the run
+
+
+@contextlib.contextmanager
+def reading(*, channels: int, channel: str | None):
+    """Within this block, load_wav expects `channels` channels per clip (1, or 2 for 2026) and
+    returns the one chosen (CHANNELS; None for mono clips)."""
+    if channels == 2 and channel not in CHANNELS or channels == 1 and channel is not None:
+        raise ValueError(f"channel {channel!r} for {channels}-channel clips; valid: "
+                         f"{', '.join(CHANNELS) if channels == 2 else 'none (mono)'}")
+    token = _READING.set((channels, channel))
+    try:
+        yield
+    finally:
+        _READING.reset(token)
+
+
+def channels_read() -> int:
+    """Channels each clip of this run gives: 2 under --channel both, else 1. A system that
+    declares `channels = 2` sizes its input by it."""
+    return 2 if _READING.get()[1] == "both" else 1
+
+
+def _channel_key() -> dict:
+    """The cache key's part for the channel read: nothing for mono clips (keys as before)."""
+    channels, channel = _READING.get()
+    return {"channel": channel} if channels == 2 else {}
+
+
+def _pick_channel(path, x, n_channels):
+    """The run's channel of x (n_samples, n_channels), after checking the channel count."""
+    channels, channel = _READING.get()
+    if n_channels != channels:
+        fix = ("mix it down (e.g. sox in.wav -c 1 out.wav), or use the year it belongs to "
+               "(2026 is stereo)" if channels == 1 else "DCASE 2026 clips are stereo (near and "
+               "far microphone): use the year this mono clip belongs to")
+        raise AudioError(f"{path}: {n_channels} channel{'s' * (n_channels != 1)}, expected "
+                         f"{channels} for this year; {fix}")
+    if channels == 1:
+        return x[:, 0]  # (n_samples,)
+    if channel == "both":
+        return np.ascontiguousarray(x.T)  # (2, n_samples)
+    return x[:, 0 if channel == "near" else 1] if channel != "mean" else x.mean(axis=1)
+
+
 def load_wav(path, *, sr: int = SR) -> np.ndarray:
-    """Read a mono wav at `sr` Hz as float32 in [-1, 1]; raise AudioError naming the file otherwise.
+    """Read a wav at `sr` Hz as float32 in [-1, 1], with the channel count the run expects
+    (mono, or stereo in 2026: `reading`); raise AudioError naming the file otherwise.
+    Returns (n_samples,), or (2, n_samples) for --channel both.
 
     libsndfile reads a truncated wav without complaint, so the RIFF chunk sizes are checked here.
     """
@@ -124,9 +186,6 @@ def load_wav(path, *, sr: int = SR) -> np.ndarray:
                          "asd reads mono 16-bit wav files: download or export it again") from err
     if n_samples == 0 or x.size == 0:
         raise AudioError(f"{path}: empty (0 samples); download it again or remove it")
-    if n_channels != 1:
-        raise AudioError(f"{path}: {n_channels} channels; asd reads mono 16-bit wav files: "
-                         "mix it down (e.g. sox in.wav -c 1 out.wav)")
     if found_sr != sr:
         raise AudioError(f"{path}: sample rate {found_sr} Hz, expected {sr} Hz; "
                          f"resample it (e.g. sox in.wav -r {sr} out.wav)")
@@ -134,7 +193,7 @@ def load_wav(path, *, sr: int = SR) -> np.ndarray:
     if n_bad:
         raise AudioError(f"{path}: {n_bad} NaN or Inf samples; the file is corrupt: "
                          "download or export it again")
-    return x[:, 0]  # (n_samples,)
+    return _pick_channel(path, x, n_channels)  # (n_samples,) or (2, n_samples)
 
 
 def load_batch(paths, *, sr: int = SR) -> list[np.ndarray]:
@@ -147,8 +206,8 @@ def check_clip(path, *, min_samples: int, training: bool, sr: int = SR) -> None:
     for a training clip, not silent (all-zero: it would teach the model that silence, a
     stopped machine or a dead microphone, is normal). Raises AudioError naming the file."""
     x = load_wav(path, sr=sr)
-    if len(x) < min_samples:
-        raise AudioError(f"{path}: {len(x) / sr:.3f} s long, shorter than the {min_samples / sr:.3f} s "
+    if x.shape[-1] < min_samples:
+        raise AudioError(f"{path}: {x.shape[-1] / sr:.3f} s long, shorter than the {min_samples / sr:.3f} s "
                          f"this system needs; remove it or record a longer clip")
     if training and not np.any(x):
         raise AudioError(f"{path}: silent (every sample is 0); a training clip must hold the "
@@ -607,7 +666,7 @@ def clip_features(paths, kind, settings, *, sr=SR, cache_dir=None, device="cpu",
     the time left every PROGRESS_S seconds.
     Returns [(..., T_i) tensors], one per clip, on the CPU."""
     out, todo = [None] * len(paths), []
-    key = {"sr": sr, **settings}
+    key = {"sr": sr, **settings, **_channel_key()}
     batch = batch or clip_batch()
     for i, p in enumerate(paths):
         hit = cache_dir and Path(cache_dir) / f"{cache_key(p, kind, key)}.npy"
@@ -635,8 +694,8 @@ def clip_features(paths, kind, settings, *, sr=SR, cache_dir=None, device="cpu",
 def _batched(fn, waves, settings, device):
     """Clips of equal length go through the feature function together."""
     feats = [None] * len(waves)
-    for n in sorted({len(w) for w in waves}):
-        idx = [i for i, w in enumerate(waves) if len(w) == n]
+    for n in sorted({w.shape[-1] for w in waves}):
+        idx = [i for i, w in enumerate(waves) if w.shape[-1] == n]
         x = torch.from_numpy(np.stack([waves[i] for i in idx])).to(device)   # (B, n)
         for i, feat in zip(idx, fn(x, **settings).cpu()):                   # (B, ..., T)
             feats[i] = feat

@@ -10,7 +10,9 @@ import download
 import synth
 import systems
 
-DESCRIPTION = "asd: unsupervised anomalous sound detection, the DCASE Task 2 systems of 2020-2025."
+DESCRIPTION = "asd: unsupervised anomalous sound detection, the DCASE Task 2 systems of 2020-2026."
+# --channel's choices (features.CHANNELS, written here too: flags.py imports no torch)
+CHANNELS = ("near", "far", "mean", "both")
 
 
 def add_run_flags(p):
@@ -27,6 +29,15 @@ def add_run_flags(p):
     p.add_argument("--out", default="runs", help="runs go to OUT/dcase<YEAR>/<system>/<part>/ "
                    "(train --normal-dir: the model folder itself)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+
+
+def add_channel_flag(p):
+    """--channel: which channel of the stereo 2026 clips a run reads."""
+    p.add_argument("--channel", default=None, choices=CHANNELS,
+                   help="2026 (stereo) only: near = channel 0, the near microphone (the "
+                        "official baseline's; train's default), far = channel 1, mean = their "
+                        "mean, both = both (only for a system that declares two channels); "
+                        "test and score: the model's")
 
 
 def count(text):
@@ -91,7 +102,7 @@ def build_parser(system=None, year=2020, quick=False):
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("train", help="train one machine type's model, or your own machine's",
                        formatter_class=fmt)
-    add_run_flags(p), add_model_flags(p, system, year, quick)
+    add_run_flags(p), add_model_flags(p, system, year, quick), add_channel_flag(p)
     p.add_argument("--machine", default=None, help="machine type, e.g. valve")
     p.add_argument("--normal-dir", default=None,
                    help="instead of --machine: a folder of your own machine's normal recordings "
@@ -105,12 +116,12 @@ def build_parser(system=None, year=2020, quick=False):
                    help="also draw the histogram of the scores against the threshold and the "
                         "held-out normal clips' scores it was fitted to, into this SVG file")
     p.add_argument("--force", action="store_true", help="overwrite an existing --plot file")
-    add_host_flags(p)
+    add_host_flags(p), add_channel_flag(p)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: CUDA when available")
     p = sub.add_parser("test", help="score the test clips; write the submission CSVs",
                        formatter_class=fmt)
-    add_run_flags(p), add_compute_flags(p)
+    add_run_flags(p), add_compute_flags(p), add_channel_flag(p)
     p.add_argument("--machine", required=True, help="machine type, e.g. valve")
     p = sub.add_parser("evaluate", help="official score from the result CSVs and the labels",
                        formatter_class=fmt)
@@ -160,6 +171,12 @@ def add_download_parsers(sub, fmt):
                    help="'Lastname, Firstname' of each author, the corresponding one first")
     p.add_argument("--source-code", default="asd (python asd.py train/test)",
                    help="where the code is published")
+    p.add_argument("--team", default=None, help="2026: the team folder of the evaluator's "
+                   "teams/<team>/<label>/ layout (default: the label less _task2_<n>)")
+    p.add_argument("--name-form", default=None, choices=("plain", "baseline", "both"),
+                   help="result file names: plain (anomaly_score_<m>_section_00_test.csv), the "
+                        "baseline's (..._DCASE<Y>T2<m>_section_00_test_seed13711_id(0_)_Eval.csv"
+                        ", 2023+) or both; default: both for 2026, else plain")
 
 
 def add_data_parsers(sub, fmt, system, year, quick):
@@ -183,7 +200,7 @@ def add_data_parsers(sub, fmt, system, year, quick):
     p.add_argument("--force", action="store_true", help="overwrite an earlier demo's results")
     p.add_argument("--n-train", type=int, default=20, help="training clips per section")
     p.add_argument("--n-test", type=int, default=10, help="test clips per section/domain/label")
-    add_model_flags(p, system, year, quick)
+    add_model_flags(p, system, year, quick), add_channel_flag(p)
     p.set_defaults(epochs=30, batch_size=64)   # small data: more steps
     p = sub.add_parser("list", help="years, systems, or a year's machines and sections",
                        formatter_class=fmt)

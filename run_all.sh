@@ -9,7 +9,8 @@
 #
 # Machine types come from `python asd.py list` (none is named here); --machines keeps only
 # those of the listed ones it names. Outputs: OUT/runs/dcase<Y>/<system>/{dev,eval}/ (models,
-# result CSVs, results.json/.csv/.md), OUT/submissions/dcase<Y>/<system>/; OUT is . by
+# result CSVs, results.json/.csv/.md), OUT/submissions/dcase<Y>/<system>/ (2026: .../teams/
+# <team>/<label>/, the evaluator's layout, both name forms); OUT is . by
 # default, as for the single commands (data in data/). Every step is skipped when its output
 # is there, so a second run does nothing and an interrupted one resumes (an interrupted
 # training from its last epoch). A network that a system's machine types share (shinmura2020's
@@ -33,7 +34,7 @@ LABEL=""                                     # the submission label; default: pa
 QUICK_TRAIN=(--quick)                       # each system's smoke-run settings
 QUICK_SYNTH=(--n-train 10 --n-test 2)       # clips per section; test: per domain and label
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 while [ $# -gt 0 ]; do
   case "$1" in

@@ -1,4 +1,4 @@
-"""Scores for DCASE Task 2, 2020-2025: ROC AUC and pAUC, the official score of each year,
+"""Scores for DCASE Task 2, 2020-2026: ROC AUC and pAUC, the official score of each year,
 the baselines' gamma decision threshold, and the submission files the evaluators read.
 
 AUC and pAUC are written by hand and follow `sklearn.metrics.roc_auc_score` exactly (ROC
@@ -39,6 +39,7 @@ RESULT_FILE_PATTERNS = {
     2023: "{kind}_{machine}_section_{section}_test.csv",
     2024: "{kind}_{machine}_section_{section}_test.csv",
     2025: "{kind}_{machine}_section_{section}_test.csv",
+    2026: "{kind}_{machine}_section_{section}_test.csv",   # the 2026 evaluator's plain form
 }
 
 
@@ -365,7 +366,8 @@ def official_score(year, rows):
       2020: the evaluator prints only per machine averages; like the ASDKit toolkit we
             report the arithmetic mean of all per-ID AUCs and pAUCs taken together.
       2021: harmonic mean of the AUCs and pAUCs of all (machine, section, domain).
-      2022-2025: harmonic mean of AUC_source, AUC_target and pAUC of all (machine, section).
+      2022-2026: harmonic mean of AUC_source, AUC_target and pAUC of all (machine, section)
+            (2026: unchanged, whichever channel the system read).
     Harmonic means floor every value at EPS first, as the evaluators do.
     A test set without one domain (2021-2025) leaves that domain's figures None (each section
     row says why in "undefined"), every mean that needs them None, and the official score None:
@@ -654,6 +656,32 @@ BASELINE_DEV = {
            ("valve", "00"): (0.5432, 0.5116, 0.5231), ("valve", "01"): (0.489, 0.5448, 0.4968),
            ("valve", "02"): (0.5298, 0.4432, 0.4973)},
 }
+
+
+# 2026: the official AE baseline's figures over the whole set (AUC source, AUC target, pAUC,
+# official score, in %), each with its source. No per-section table was readable here, so
+# they stand beside our official score (published_note), not in the per-section columns.
+BASELINE_2026 = {
+    ("eval", "AE-MSE"): dict(auc_source=66.06, auc_target=57.32, pauc=56.87, score=59.80,
+                             source="the organisers' 2026 evaluator README "
+                                    "(nttcslab/dcase2026_task2_evaluator), as quoted in issue 23"),
+    ("eval", "AE-Mahalanobis"): dict(score=54.76, source="the same README"),
+    ("dev", "AE-Mahalanobis"): dict(auc_source=66.46, auc_target=54.24, pauc=53.91, score=57.66,
+                                    source="a participant's README, NOT the organisers': no "
+                                           "organisers' development-set table was found"),
+}
+
+
+def published_note(year, part):
+    """Markdown lines giving the official baseline's published whole-set figures of `year`
+    and `part` with their sources ("" where none: every year but 2026)."""
+    rows = [(name, f) for (p, name), f in BASELINE_2026.items()
+            if p == part and year == 2026]
+    lines = [f"- baseline {name}: " + ", ".join(f"{k} {f[k]:.2f}" for k in (
+        "auc_source", "auc_target", "pauc", "score") if k in f) + f" (source: {f['source']})"
+        for name, f in rows]
+    return ("\n\nThe official baseline on the real DCASE 2026 " + part + " set (%):\n"
+            + "\n".join(lines)) if lines else ""
 
 
 def _official_keys(year):

@@ -6,6 +6,11 @@ external data, source code, development-set results per machine type).
 The label is `<Lastname>_<Institute>_task2_<n>` (n: 1-4, the submission's index); the authors'
 names come from flags, or stay as placeholders the YAML marks for editing. Nothing here
 trains or scores: it reads the run folders that `train`, `test` and `evaluate` wrote.
+
+2026: the evaluator reads teams/<team>/<system>/ and accepts two names per file, the plain
+`anomaly_score_<m>_section_00_test.csv` and the baseline's `anomaly_score_DCASE2026T2<m>_
+section_00_test_seed<seed><tag>_Eval.csv` (the 2023-2025 evaluators read the latter too);
+the package is then DEST/teams/<team>/<label>/ and holds both forms by default (NAME_FORMS).
 """
 import json
 import os
@@ -20,6 +25,27 @@ import scoring
 
 LABEL = re.compile(r"^[A-Za-z][A-Za-z-]*_[A-Za-z0-9-]+_task2_[1-4]$")
 PLACEHOLDER_LABEL = "Lastname_Institute_task2_1"
+NAME_FORMS = ("plain", "baseline", "both")
+# seed and tag of the baseline-form names: the defaults of the organisers' evaluator script
+# (03_evaluation_eval_data.sh of dcase2023_task2_evaluator; the 2026 one could not be read here)
+BASELINE_SEED, BASELINE_TAG = 13711, "_id(0_)"
+PLAIN = re.compile(r"^(?P<kind>anomaly_score|decision_result)_(?P<rest>.+_section_\d\d)_test\.csv$")
+
+
+def baseline_name(year, plain):
+    """The baseline's form of a plain 2023+ result name: anomaly_score_fan_section_00_test.csv
+    -> anomaly_score_DCASE2026T2fan_section_00_test_seed13711_id(0_)_Eval.csv."""
+    m = PLAIN.match(plain)
+    if year < 2023 or not m:
+        raise data.DataError(f"{plain}: no baseline-form name for {year} (2023 on, "
+                             f"anomaly_score_<m>_section_<XX>_test.csv)")
+    return (f"{m['kind']}_DCASE{year}T2{m['rest']}_test_seed{BASELINE_SEED}{BASELINE_TAG}"
+            f"_Eval.csv")
+
+
+def team_of(label):
+    """The team folder of the 2026 evaluator's layout: the label less its _task2_<n>."""
+    return label.rsplit("_task2_", 1)[0]
 
 
 def result_files(results, year):
@@ -44,10 +70,15 @@ def result_files(results, year):
     return names, sorted(machines, key=str.lower)
 
 
-def package(results, dest, *, year, label, meta_yaml):
-    """Copy the result files into dest/<label>/ with <label>.meta.yaml; the folder appears
-    whole or not at all. Returns (folder, number of result files)."""
-    names, _ = result_files(results, year)
+def package(results, dest, *, year, label, meta_yaml, name_form="plain"):
+    """Copy the result files into dest/<label>/ with <label>.meta.yaml, under their plain
+    names, the baseline's (baseline_name) or both (name_form); the folder appears whole or not
+    at all. Returns (folder, number of result files)."""
+    if name_form not in NAME_FORMS:
+        raise ValueError(f"unknown name form '{name_form}'; valid: {', '.join(NAME_FORMS)}")
+    plain, _ = result_files(results, year)
+    copies = [(n, n) for n in plain] if name_form != "baseline" else []
+    copies += [(n, baseline_name(year, n)) for n in plain] if name_form != "plain" else []
     folder = Path(dest) / label
     if folder.exists():        # replaced only when it holds nothing but what package writes
         foreign = [p.name for p in folder.iterdir() if not (
@@ -59,8 +90,8 @@ def package(results, dest, *, year, label, meta_yaml):
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{label}."))
     try:
-        for name in names:
-            shutil.copy2(Path(results) / name, tmp / name)
+        for name, as_name in copies:
+            shutil.copy2(Path(results) / name, tmp / as_name)
         data.write_text(tmp / f"{label}.meta.yaml", meta_yaml)
         old = folder.with_name(f".{label}.replaced")
         if folder.exists():
@@ -69,7 +100,7 @@ def package(results, dest, *, year, label, meta_yaml):
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return folder, len(names)
+    return folder, len(copies)
 
 
 def q(value):
@@ -78,9 +109,11 @@ def q(value):
 
 
 def meta_yaml(*, label, name, abbreviation, authors, about, threshold, n_parameters,
-              machines, missing, dev_results, source_code):
+              machines, missing, dev_results, source_code, channel=None):
     """The submission template's fields. about: the system's own description (its `meta`);
-    dev_results: results.json of the development run, or None."""
+    dev_results: results.json of the development run, or None; channel: the channel the
+    models read (2026), written as input_channel (our field: the template asks no such thing
+    in the files read here)."""
     lines = ["# Written by 'python asd.py package' from the runs it read; check every field.",
              "submission:", f"  label: {q(label)}", f"  name: {q(name)}",
              f"  abbreviation: {q(abbreviation)}", "  authors:"]
@@ -90,6 +123,7 @@ def meta_yaml(*, label, name, abbreviation, authors, about, threshold, n_paramet
                   f"      email: {q(None)}", f"      corresponding: {q(i == 0)}",
                   "      affiliation:", f"        institute: {q(None)}"]
     lines += ["system:", "  description:", f"    input_sampling_rate: {q('16kHz')}"]
+    lines += [f"    input_channel: {q(channel)}   # 2026: near = 0, far = 1"] if channel else []
     lines += [f"    {key}: {q(value)}" for key, value in about.items()]
     lines += [f"    threshold: {q(threshold)}",
               "  complexity:",

@@ -16,6 +16,11 @@ sections than the first two (n_sections), and its anomalies can be drawn from fe
 (anomalies). All default off, and then every year's files are the same bytes as before they
 existed.
 
+2026 clips are stereo, as the real ones: channel 0 the near microphone (the sound above),
+channel 1 a far one (far_channel: the near sound delayed, low-passed, weaker, under a louder
+noise of its own, which no anomaly reaches), so a detector that reads --channel far has a
+measurably harder task.
+
 Not modelled: reverberation, microphone colouring, the real machines' spectra. The point is a
 data set where a working detector must score near 1 and a broken one near 0.5.
 """
@@ -33,6 +38,11 @@ TARGET_SPEED = 1.12     # target domain: 12% faster
 TARGET_NOISE_DB = 6.0   # and 6 dB more noise
 ATTRIBUTE_SPEED = 0.04  # operating condition a: (1 + 0.04 a) times faster
 ANOMALIES = ("tone", "impulses", "harmonic")   # the kinds machine_sound can add
+# 2026's far microphone, relative to the near one: the path from the machine ...
+FAR_DELAY_S = 0.003     # s: about 1 m more of air
+FAR_GAIN = 0.35         # the machine 9 dB weaker
+FAR_LOWPASS_TAPS = 9    # moving-average taps: the high band falls off (first null at 1.8 kHz)
+FAR_NOISE = 0.08        # ... and environmental noise the near microphone barely hears (RMS)
 
 
 def machine_sound(rng, *, kind, f0, speed=1.0, noise_db=-30.0, anomaly=None, seconds=SECONDS):
@@ -66,6 +76,20 @@ def _events(rng, kind, t, speed):
     if EVENTS[kind] == 1:
         return 0.6 * (phase < 0.08 / speed) * rng.standard_normal(t.size)
     return 0.5 * np.sin(2 * np.pi * (400 + 600 * phase / period) * t)
+
+
+def far_channel(rng, near):
+    """The far microphone of one clip (2026): `near` delayed by FAR_DELAY_S, low-passed
+    (FAR_LOWPASS_TAPS-tap moving average), scaled by FAR_GAIN, plus brown-ish environmental
+    noise of RMS FAR_NOISE drawn from rng. near: (n,) float32. Returns (n,) float32 in [-1, 1]."""
+    delay = int(FAR_DELAY_S * SR)
+    path = np.convolve(np.r_[np.zeros(delay), near[:near.size - delay]],
+                       np.ones(FAR_LOWPASS_TAPS) / FAR_LOWPASS_TAPS, mode="same")
+    noise = np.cumsum(rng.standard_normal(near.size))
+    noise = noise - np.convolve(noise, np.ones(256) / 256, mode="same")    # no DC drift
+    noise = FAR_NOISE * noise / np.sqrt(np.mean(noise ** 2)) + 0.3 * FAR_NOISE * (
+        rng.standard_normal(near.size))
+    return np.clip(FAR_GAIN * path + noise, -1, 1).astype(np.float32)
 
 
 def machine_profile(machine, section):
@@ -170,6 +194,7 @@ def _write_section(out, rng, spec, machine, section, part, n_train, n_test, n_at
             if split == "test"]
     shuffle = np.random.default_rng([spec.year, zlib.crc32(machine.encode()), int(section)])
     numbers = {k: iter(shuffle.permutation(keys.count(k))) for k in dict.fromkeys(keys)}
+    far = np.random.default_rng([spec.year, zlib.crc32(machine.encode()), int(section), 2])
     truth = []
     for split, domain, label, i in plan:
         target = domain == "target"
@@ -178,6 +203,8 @@ def _write_section(out, rng, spec, machine, section, part, n_train, n_test, n_at
         x = machine_sound(rng, kind=kind, f0=f0, speed=speed,
                           noise_db=-30 + (TARGET_NOISE_DB if target else 0), anomaly=anomaly,
                           seconds=seconds)
+        if spec.channels == 2:                   # 2026: (n, 2), near and far microphone
+            x = np.stack([x, far_channel(far, x)], axis=1)
         a = attrs or f"speed_{'B' if target else 'A'}" + (
             f"_load_{i % n_attributes}" if n_attributes > 1 else "")
         name = clip_names(spec.year, section, domain, split, label, i, a)

@@ -1,4 +1,4 @@
-"""AE: the official DCASE autoencoder baseline, 2020-2025 (Koizumi et al., and the organisers'
+"""AE: the official DCASE autoencoder baseline, 2020-2026 (Koizumi et al., and the organisers'
 baseline repositories).
 
 Input: 5 consecutive log-mel frames (128 mel bands, n_fft 1024, hop 512) stacked into one
@@ -8,6 +8,8 @@ Training as the baselines: Adam, lr 1e-3, 100 epochs, batches of 512 vectors (20
 Keras) or 256 (2023+, PyTorch), shuffled; no early stopping.
 Score: the reconstruction MSE of each vector averaged over the clip (2020-2022), or the 2023+
 baseline's Mahalanobis score on the reconstruction errors (detectors.Mahalanobis).
+2026 (our extension): with --channel both the near and far log-mels are stacked band-wise,
+256 bands x 5 frames = 1280-value vectors (the 2026 baseline reads channel 0 alone).
 Left out: the baselines' 10% validation split, which only printed a loss.
 """
 import numpy as np
@@ -25,6 +27,7 @@ class AE:
     # the baseline's: the part's training clips (eval runs: the dev set's too)
     training_data = dict(additional=False, paper="the part's training clips")
     shared_pool = None                  # no model shared by machine types
+    channels = 2                                # can read both 2026 channels (--channel both)
     quick = dict(epochs=2, batch_size=128)      # a smoke run: every step, no detection quality
     meta = dict(                                # the submission template's system description
         acoustic_features="log-mel energies (128 bands, 64 ms window, 32 ms hop), 5 frames "
@@ -60,19 +63,23 @@ class AE:
         self.settings = features.log_mel_settings(year)
         # the shortest clip that gives n_frames frames (and that reflect padding accepts)
         self.min_samples = max((n_frames - 1) * self.settings["hop"], self.settings["n_fft"] // 2 + 1)
-        self.model = models.AutoEncoder(input_dim=self.settings["n_mels"] * n_frames).to(device)
+        self.n_channels = features.channels_read()      # 2 under --channel both (2026)
+        self.model = models.AutoEncoder(
+            input_dim=self.settings["n_mels"] * n_frames * self.n_channels).to(device)
         self.detector = detectors.Mahalanobis()          # fitted only for the Mahalanobis score
 
     def vectors(self, clips):
-        """Stacked-frame vectors of every clip: [(T_i - n_frames + 1, n_mels * n_frames)]."""
+        """Stacked-frame vectors of every clip: [(T_i - n_frames + 1, n_mels * n_frames)]
+        (both channels: near bands then far bands in each frame, 2 * n_mels per frame)."""
         mels = features.clip_features([c.path for c in clips], "log_mel", self.settings,
                                       sr=self.settings["sr"], cache_dir=self.cache_dir,
-                                      device=self.device, log=self.log)
-        return [features.stack_frames(m, n_frames=self.n_frames) for m in mels]
+                                      device=self.device, log=self.log)   # [([2,] n_mels, T)]
+        return [features.stack_frames(m.reshape(-1, m.shape[-1]), n_frames=self.n_frames)
+                for m in mels]
 
     def fit(self, clips, workdir):
         vecs = self.vectors(clips)
-        x = torch.cat(vecs).to(self.device)                     # (N, 640)
+        x = torch.cat(vecs).to(self.device)                     # (N, 640); both: (N, 1280)
         opt = torch.optim.Adam(self.model.parameters(), lr=self.lr)
         gen = torch.Generator().manual_seed(self.seed)
         self.model.train()

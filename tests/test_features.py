@@ -32,8 +32,9 @@ def machine_like(seconds: float, *, seed: int) -> np.ndarray:
 
 # Written out here, not read from features.LOG_MEL_BY_YEAR, so that a wrong table fails.
 BASELINE_PAD_MODE = {2020: "reflect", 2021: "reflect", 2022: "constant", 2023: "constant",
-                     2024: "constant", 2025: "constant"}  # librosa < 0.10 padded by reflection
-BASELINE_FLOOR = {2020: "add", 2021: "clip", 2022: "clip", 2023: "clip", 2024: "clip", 2025: "clip"}
+                     2024: "constant", 2025: "constant", 2026: "constant"}  # librosa<0.10: reflect
+BASELINE_FLOOR = {2020: "add", 2021: "clip", 2022: "clip", 2023: "clip", 2024: "clip", 2025: "clip",
+                  2026: "clip"}   # 2026: the 2025 code on channel 0 (branch 2026t2/v5.x.x)
 
 
 def baseline_log_mel(x: np.ndarray, year: int) -> np.ndarray:

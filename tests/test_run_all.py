@@ -1,7 +1,9 @@
-"""run_all.sh --quick end to end on synthetic data: 2020, 2021 and 2023 (the three naming and
-metric families; 2022 shares 2021's names less the domain folders, 2024-2025 share 2023's)
-trained, tested on the dev and eval sets, evaluated, and packaged into submission folders
-holding exactly the files the organisers' evaluators read; a second run skips what is done
+"""run_all.sh --quick end to end on synthetic data: 2020, 2021 and 2026 (the three naming and
+metric families; 2022 shares 2021's names less the domain folders, 2023-2025 share 2026's
+names and rule, which adds stereo clips and the evaluator's teams/<team>/<label>/ layout with
+both name forms; three years keep the test's cost) trained, tested on the dev and eval sets,
+evaluated, and packaged into submission folders holding exactly the files the organisers'
+evaluators read; a second run skips what is done
 and an interrupted one resumes where it stopped. Without --years it runs every year that
 `asd.py list years` gives (test_years_come_from_the_cli)."""
 import csv
@@ -14,9 +16,10 @@ import pytest
 
 import data
 import scoring
+import submission
 
 ROOT = Path(__file__).resolve().parents[1]
-YEARS = (2020, 2021, 2023)
+YEARS = (2020, 2021, 2026)
 LABEL = "Lastname_Institute_task2_1"     # package's placeholder label: run_all passes none
 RUN_ALL_TIMEOUT = 2400  # seconds; about 1 minute on 2 idle CPU cores, far more under load
 
@@ -44,17 +47,25 @@ def expected_submission(out, year):
     keys = {(c.section, c.domain if year == 2021 else None) for c in clips}
     names = {scoring.result_filename(year, kind, machine, s, d)
              for s, d in keys for kind in scoring.RESULT_KINDS}
+    if year >= 2026:                                    # and the baseline's form of each
+        names |= {submission.baseline_name(year, n) for n in names}
     return names | {f"{LABEL}.meta.yaml"}, clips
+
+
+def submission_folder(out, year, system):
+    """Where run_all puts a year's package (2026: the evaluator's teams/<team>/<label>/)."""
+    team = f"teams/{submission.team_of(LABEL)}/" if year >= 2026 else ""
+    return out / f"submissions/dcase{year}/{system}/{team}{LABEL}"
 
 
 def test_every_year_gets_its_submission_folder(quick):
     out, log = quick
     for year in YEARS:
         system = data.get_year(year).system                 # --systems auto: the default
-        folder = out / f"submissions/dcase{year}/{system}/{LABEL}"
+        folder = submission_folder(out, year, system)
         names, clips = expected_submission(out, year)
         assert {p.name for p in folder.iterdir()} == names, year
-        rows = [r for n in names if n.startswith("anomaly_score")
+        rows = [r for n in names if n.startswith("anomaly_score") and "_Eval" not in n
                 for r in scoring.read_csv(folder / n)]
         assert sorted(r[0] for r in rows) == sorted(c.name for c in clips)   # every clip once
         for name in names:
@@ -77,8 +88,10 @@ def test_names_are_the_evaluators(quick):
     assert {p.name for p in Path(folder.format(2021, "ae")).iterdir()} >= {
         "anomaly_score_fan_section_03_source_test.csv",
         "decision_result_fan_section_04_target_test.csv"}
-    assert {p.name for p in Path(folder.format(2023, "ae")).iterdir()} >= {
-        "anomaly_score_bandsaw_section_00_test.csv"}
+    system = data.get_year(2026).system
+    assert {p.name for p in submission_folder(out, 2026, system).iterdir()} >= {
+        "anomaly_score_ToyDrone_section_00_test.csv",
+        "anomaly_score_DCASE2026T2ToyDrone_section_00_test_seed13711_id(0_)_Eval.csv"}
 
 
 def test_dev_and_eval_sets_are_evaluated_with_the_official_rules(quick):
