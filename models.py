@@ -602,10 +602,11 @@ def read_checkpoint(path, what):
         raise ValueError(f"{path}: not a readable PyTorch checkpoint of tensors ({reason})") from err
 
 
-def check_checkpoint(model, state, path, what):
+def check_checkpoint(model, state, path, what, *, assign=False):
     """Load `state` into `model` only if its keys and shapes are exactly the model's (BatchNorm's
     num_batches_tracked may be absent); otherwise one ValueError line names the missing, extra
-    and mis-shaped keys."""
+    and mis-shaped keys. assign: the file's tensors become the model's (a model built on the
+    meta device, never initialised)."""
     if not isinstance(state, dict):
         raise ValueError(f"{path}: not a {what} checkpoint (a {type(state).__name__}, not a "
                          f"state dict)")
@@ -627,7 +628,7 @@ def check_checkpoint(model, state, path, what):
                         f"({len(wrong)} mis-shaped)")
     if problems:
         raise ValueError(f"{path}: not a {what} checkpoint: {'; '.join(problems)}")
-    model.load_state_dict(state, strict=False)     # strict but for num_batches_tracked
+    model.load_state_dict(state, strict=False, assign=assign)   # strict but num_batches_tracked
     return model
 
 
@@ -902,5 +903,6 @@ def load_beats(path):
         if flag in cfg and bool(cfg[flag]) != want:
             raise ValueError(f"{path}: BEATs cfg {flag}={cfg[flag]}, this network has {want}")
     head = state.get("predictor.weight")
-    model = BEATs(n_classes=head.shape[0] if isinstance(head, torch.Tensor) else None)
-    return check_checkpoint(model, state, path, "BEATs iter3").eval()
+    with torch.device("meta"):             # 90 M parameters: not initialised, the file's used
+        model = BEATs(n_classes=head.shape[0] if isinstance(head, torch.Tensor) else None)
+    return check_checkpoint(model, state, path, "BEATs iter3", assign=True).eval()
