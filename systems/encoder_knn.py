@@ -24,15 +24,19 @@ values: k = 1, domain normalisation on, MemMixup off by default (--memmixup K, a
 GenRep's best used K = all 990 source clips with BEATs fine-tuned).
 """
 import os
+import time
 
 import numpy as np
 import torch
 
+import data
 import detectors
+import download
 import features
 import models
 
-DEFAULT_MN04 = os.path.join("data", "weights", "mn04_as_mAP_432.pt")   # where download puts it
+# where `python asd.py download --weights mn04` puts the mn04 weights
+DEFAULT_MN04 = str(data.DEFAULT_DATA_ROOT / "weights" / download.WEIGHTS["mn04"]["file"])
 # encoder -> its input rate, how many layer outputs forward() gives, default layer and pooling
 # (index into those outputs), and its checkpoint's name
 ENCODERS = {
@@ -176,8 +180,10 @@ class EncoderKNN:
     def fit(self, clips, workdir):
         self.log(f"encoder: {self.encoder} from {self.pretrained}, layer {self.layer}, "
                  f"{self.pooling} pooling; nothing is trained")
+        t0 = time.perf_counter()
         x = self.embed(clips)
-        self.log(f"{x.shape[1]} values per clip from {len(clips)} clips")
+        self.log(f"{x.shape[1]} values per clip from {len(clips)} clips, "
+                 f"{len(clips) / (time.perf_counter() - t0):.1f} clips/s (encoder load included)")
         self.banks, order = {}, []
         for section in sorted({c.section for c in clips}):
             by_domain = {}
