@@ -261,3 +261,19 @@ def test_through_asd_main_reaches_the_auc_bar_in_both_domains(tmp_path):
     assert len(set(scores)) == len(scores)
     about = json.loads((out / "models/valve/model.json").read_text())
     assert about["features"]["encoder"] == "mn04" and about["threshold_fitted_to"] == "held-out"
+
+
+def test_own_machine_default_is_encoder_knn_with_its_weights_else_the_ae(tmp_path, monkeypatch,
+                                                                         capsys):
+    import data
+    import download
+    import flags
+    monkeypatch.setattr(data, "DEFAULT_DATA_ROOT", tmp_path)
+    argv = ["train", "--normal-dir", "my_pump", "--out", "m"]
+    assert flags.phase_one(argv)[0] == "ae"
+    assert "python asd.py download --weights mn04" in capsys.readouterr().out
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / download.WEIGHTS["mn04"]["file"]).write_bytes(b"present")
+    assert flags.phase_one(argv)[0] == "encoder_knn"
+    assert flags.phase_one([*argv, "--system", "ae"])[0] == "ae"          # asked for: kept
+    assert flags.phase_one(["train", "--machine", "fan", "--year", "2023"])[0] != "encoder_knn"
