@@ -5,6 +5,7 @@ published names and shapes and refuse a wrong one naming the key; the resampler 
 the memory bank's score equals a brute-force numpy computation; and the system, through
 asd.main, reaches an AUC bar on a synthetic set in both domains."""
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -135,16 +136,11 @@ def test_beats_loader_takes_the_published_layout_and_names_a_wrong_key(tmp_path)
                        "'post_extract_proj.weight' has shape (768, 256), expected (768, 512)")}
     for name, (bad, words) in cases.items():
         torch.save({"cfg": BEATS_CFG, "model": bad}, tmp_path / f"{name}.pt")
-        with pytest.raises(ValueError, match=".*".join(map(_re, words.split(" ")))):
+        with pytest.raises(ValueError, match=".*".join(map(re.escape, words.split(" ")))):
             models.load_beats(tmp_path / f"{name}.pt")
     torch.save({"cfg": {**BEATS_CFG, "max_distance": 1280}, "model": state}, tmp_path / "cfg.pt")
     with pytest.raises(ValueError, match="max_distance=1280"):
         models.load_beats(tmp_path / "cfg.pt")
-
-
-def _re(word):
-    import re
-    return re.escape(word)
 
 
 def test_resnet38_loader_takes_the_panns_layout_and_names_a_wrong_key(tmp_path):
