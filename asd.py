@@ -570,6 +570,13 @@ def model_threshold(model_dir):
 
 
 def cmd_download(args):
+    if args.weights:
+        path, status = download.download_weights(args.weights,
+                                                 dest_dir=Path(args.data_root) / "weights",
+                                                 base_url=args.weights_url, show=not args.quiet)
+        print(f"{args.weights}: {'verified earlier' if status == 'done' else 'downloaded, verified'}"
+              f" -> {path}")
+        return
     report = download.download(args.year, data_root=args.data_root, part=args.part,
                                machines=[args.machine] if args.machine else None,
                                base_url=args.zenodo_url, keep=args.keep_archives,

@@ -317,6 +317,7 @@ def bench_train(cls, options: dict, *, year: int = 2020, n_train: int = 20,
     for name, t in times.items():
         result[name] = {"epochs": len(t), "s_per_epoch_min": min(t),
                         "s_per_epoch_median": float(np.median(t)), "clips_per_s": len(clips) / min(t)}
+    result["fit_clips_per_s"] = len(clips) / total     # a system that trains nothing: its fit
     return result
 
 
@@ -328,6 +329,9 @@ def report_train(system: str, year: int, device: str, threads: int, result: dict
             r = result[name]
             print(f"{name:13s} {r['epochs']} epochs: {r['s_per_epoch_min']:.2f} s/epoch min, "
                   f"{r['s_per_epoch_median']:.2f} median; {r['clips_per_s']:.1f} clips/s")
+    if not any(name in result for name in ("pre-training", "training")):   # no epochs
+        print(f"fit (no epochs: embedding and memory banks): {result['fit_clips_per_s']:.1f} "
+              f"clips/s")
     print(f"{result['clips']} clips of {result['machine']}; {result['total_s']:.1f} s in all; "
           f"peak memory {result['peak_memory_mb']:.0f} MB ({result['peak_memory_of']})")
     return result

@@ -236,3 +236,97 @@ class KMeans:
     def load_state(self, state):
         self.centres = state["centres"]
         return self
+
+
+# --------------------------------------------------------------------------------------------
+# Memory bank k-nearest-neighbour cosine distance, source and target banks (GenRep:
+# Saengthong & Shinozaki, "Deep Generic Representations for Domain-Generalized Anomalous Sound
+# Detection", ICASSP 2025, and their code github:Phuriches/GenRepASD)
+#
+# One bank per domain. A clip's distance to a bank is the mean cosine distance to its k nearest
+# entries; its score is the smaller of the banks' distances, each standardised (domain
+# normalisation: a target bank of 10 clips is sparser than a source bank of 990, so its raw
+# distances run larger). GenRep standardises by the mean and standard deviation over the test
+# clips; here the statistics are the bank's own leave-one-out distances, so that a clip's
+# score does not depend on which other clips are scored with it. MemMixup (GenRep's eq. for the
+# target bank) adds, for each target entry t, alpha t + (1 - alpha) s for its K nearest source
+# entries s (GenRep: Euclidean neighbours, alpha 0.9; here cosine, the bank's distance).
+# Leave-one-out leaves out an entry's whole group: itself and the mixups made from it.
+
+class MemoryBank:
+    def __init__(self, *, k=1, normalise=True, memmixup=0, alpha=0.9):
+        self.k, self.normalise, self.memmixup, self.alpha = k, normalise, memmixup, alpha
+
+    def fit(self, banks):
+        """banks: {domain: (N_d, D) embeddings}, each domain with at least one entry."""
+        self.banks, self.groups = {}, {}
+        for domain, x in banks.items():
+            self.banks[domain] = F.normalize(x.double())
+            self.groups[domain] = torch.arange(len(x), device=x.device)
+        if self.memmixup and "source" in banks and "target" in banks:
+            self._mix()
+        self.stats = {}
+        for domain in self.banks:
+            loo = self._distance(domain, self.banks[domain][self._real(domain)],
+                                 exclude=self.groups[domain][self._real(domain)])
+            spread = float(loo.std()) if len(loo) > 1 else 0.0
+            self.stats[domain] = ((float(loo.mean()), spread) if self.normalise and spread > 0
+                                  else (0.0, 1.0))
+        return self
+
+    def _mix(self):
+        """MemMixup: alpha t + (1 - alpha) s for each target t and its memmixup nearest s."""
+        source, target = self.banks["source"], self.banks["target"]
+        k = min(self.memmixup, len(source))
+        nearest = torch.topk(target @ source.T, k, dim=1).indices            # (N_t, k)
+        mixed = self.alpha * target[:, None] + (1 - self.alpha) * source[nearest]  # (N_t, k, D)
+        self.real_target = len(target)
+        self.banks["target"] = torch.cat([target, F.normalize(mixed.flatten(0, 1))])
+        self.groups["target"] = torch.cat([self.groups["target"],
+                                           self.groups["target"].repeat_interleave(k)])
+
+    def _real(self, domain):
+        """The bank's own entries (not its mixups): a slice."""
+        return slice(0, getattr(self, "real_target", None) if domain == "target" else None)
+
+    def _distance(self, domain, x, exclude=None):
+        """Mean cosine distance of unit rows x (M, D) to their k nearest entries of a bank; an
+        entry whose group equals exclude[i] is not a neighbour of row i. Returns (M,)."""
+        dist = 1.0 - x @ self.banks[domain].T                                # (M, N)
+        if exclude is not None:
+            dist = dist.masked_fill(exclude[:, None] == self.groups[domain][None, :], float("inf"))
+        left = int(torch.isfinite(dist).sum(dim=1).min()) if len(dist) else self.k
+        k = max(1, min(self.k, left))          # a bank smaller than k: all of it
+        return torch.topk(dist, k, dim=1, largest=False).values.mean(dim=1)
+
+    def _combine(self, per_bank):
+        """Standardise each bank's distances by its leave-one-out mean and spread, keep the
+        smaller. per_bank: {domain: (M,)}. Returns (M,) float64."""
+        z = [(d - self.stats[b][0]) / self.stats[b][1] for b, d in per_bank.items()]
+        return torch.stack(z).min(dim=0).values
+
+    def score(self, x):
+        """x: (M, D). Returns (M,) float64 tensor."""
+        x = F.normalize(x.double())
+        return self._combine({b: self._distance(b, x) for b in self.banks})
+
+    def train_scores(self):
+        """Each real bank entry scored with its own group left out of its bank, in domain order
+        (source entries, then target). (N,)."""
+        out = []
+        for domain in self.banks:
+            real = self.banks[domain][self._real(domain)]
+            per_bank = {b: self._distance(b, real, exclude=self.groups[domain][self._real(domain)]
+                                          if b == domain else None) for b in self.banks}
+            out.append(self._combine(per_bank))
+        return torch.cat(out)
+
+    def state(self):
+        return {"banks": self.banks, "groups": self.groups, "stats": self.stats,
+                "real_target": getattr(self, "real_target", None)}
+
+    def load_state(self, state):
+        self.banks, self.groups, self.stats = state["banks"], state["groups"], state["stats"]
+        if state["real_target"] is not None:
+            self.real_target = state["real_target"]
+        return self

@@ -353,3 +353,45 @@ def _chosen(spec, part, files, machines, asked):
                                 f"no archive of '{machine}'; it holds: {names}")
         chosen += found
     return chosen
+
+
+# --------------------------------------------------------------------------------------------
+# Pre-trained weights (systems/encoder_knn.py): one release asset per name, checked by sha256
+# before it takes its place, so a truncated or substituted file is never loaded as an encoder.
+
+WEIGHTS = {
+    "mn04": dict(file="mn04_as_mAP_432.pt", size=4066513,
+                 sha256="899a8c6217063f6941793102a2780b3dd788ab11fce468d9cf5f0577c453321c",
+                 url="https://github.com/fschmid56/EfficientAT/releases/download/v0.0.1/"
+                     "mn04_as_mAP_432.pt"),      # EfficientAT mn04_as (MIT), 4.1 MB
+}
+WEIGHTS_URL_ENV = "ASD_WEIGHTS_URL"   # a folder address that replaces the release's (tests, mirrors)
+
+
+def sha256_of(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def download_weights(name, *, dest_dir, base_url=None, show=True):
+    """Fetch WEIGHTS[name] into dest_dir (resumable, as the archives), check its sha256 and only
+    then move it to its name. Returns (path, "done" | "fetched"): done when a verified copy is
+    there already."""
+    if name not in WEIGHTS:
+        raise DownloadError(f"unknown weights '{name}'; valid: {', '.join(WEIGHTS)}")
+    spec = WEIGHTS[name]
+    dest = Path(dest_dir) / spec["file"]
+    if dest.exists() and sha256_of(dest) == spec["sha256"]:
+        return dest, "done"
+    base = base_url or os.environ.get(WEIGHTS_URL_ENV)
+    url = f"{base.rstrip('/')}/{spec['file']}" if base else spec["url"]
+    unverified = fetch(url, dest.with_name(dest.name + ".unverified"), size=spec["size"],
+                       show=show)
+    got = sha256_of(unverified)
+    if got != spec["sha256"]:
+        unverified.unlink()
+        raise DownloadError(f"{url}: sha256 {got}, expected {spec['sha256']}; the file was "
+                            f"removed: run again, or fetch it from another mirror "
+                            f"(${WEIGHTS_URL_ENV})")
+    os.replace(unverified, dest)
+    return dest, "fetched"

@@ -729,3 +729,114 @@ def band_spectrogram(x, *, n_fft: int = N_FFT, hop: int = HOP, sr: int = SR,
     hz = torch.arange(spec.shape[-2], device=spec.device) * (sr / n_fft)
     band = spec[..., (hz >= fmin) & (hz <= fmax), :]                          # (..., Fb, T)
     return band - band.mean(dim=-1, keepdim=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Pre-trained encoders' own front ends (systems/encoder_knn.py), computed on the device in
+# batches, not cached: each takes (B, n) 16 kHz waveforms as a tensor on any device.
+# - resample_on_device: scipy.signal.resample_poly's polyphase filter (the same Kaiser-windowed
+#   firwin taps, the same alignment) as a torch convolution, so 16 -> 32 kHz runs on the GPU.
+# - kaldi_mel_banks: Kaldi's triangular mel filters (mel = 1127 ln(1 + f / 700), peaks 1, no
+#   area norm), as torchaudio.compliance.kaldi.get_mel_banks builds them with no VTLN warp,
+#   the Nyquist bin given a zero weight as both EfficientAT and torchaudio's fbank do.
+# - efficientat_log_mel: EfficientAT's AugmentMelSTFT in eval mode (models/preprocess.py):
+#   pre-emphasis [-0.97, 1], STFT at 32 kHz (1024 points, 800-sample symmetric Hann centred in
+#   them, hop 320, reflect centre padding), power, 128 Kaldi mel bands 0-15000 Hz, ln(S + 1e-5),
+#   then (x + 4.5) / 5, their "fast normalisation".
+# - kaldi_fbank: torchaudio.compliance.kaldi.fbank at its defaults as BEATs calls it (25 ms
+#   frames every 10 ms, no centre padding, DC removed per frame, pre-emphasis 0.97, Povey
+#   window, 512-point power spectrum, 128 mel bands 20-8000 Hz, ln(max(S, float32 eps))).
+
+EFFICIENTAT_SR = 32000   # Hz, the rate EfficientAT's AudioSet models were trained at
+EFFICIENTAT_LOG_MEL = dict(sr=EFFICIENTAT_SR, n_fft=1024, win=800, hop=320, n_mels=128,
+                           fmin=0.0, fmax=15000.0)   # fmax: sr / 2 - 1000, their eval default
+FLOAT32_EPS = float(np.finfo(np.float32).eps)     # 1.19e-7, Kaldi fbank's log floor in torch
+
+
+@functools.lru_cache(maxsize=8)
+def _poly_taps(up: int, down: int) -> tuple:
+    """scipy.signal.resample_poly's filter and alignment: (taps, samples removed at the start)."""
+    half = 10 * max(up, down)
+    taps = scipy.signal.firwin(2 * half + 1, 1.0 / max(up, down), window=("kaiser", 5.0)) * up
+    pre = down - half % down                          # zeros put before the taps
+    return np.concatenate([np.zeros(pre), taps]), (half + pre) // down
+
+
+def resample_on_device(x, *, sr_in: int, sr_out: int) -> torch.Tensor:
+    """x: (..., n) at sr_in Hz -> (..., ceil(n * sr_out / sr_in)) at sr_out Hz, equal to
+    scipy.signal.resample_poly (float32 rounding), on x's device: zero-stuff by `up`, filter,
+    keep every `down`-th sample. Made for small ratios (16 <-> 32 kHz): the filter has
+    20 * max(up, down) + 1 taps over n * up samples."""
+    g = math.gcd(sr_in, sr_out)
+    up, down = sr_out // g, sr_in // g
+    if up == down:
+        return x
+    taps, skip = _poly_taps(up, down)
+    h = torch.as_tensor(taps[::-1].copy(), dtype=x.dtype, device=x.device)   # flipped: conv1d
+    n = x.shape[-1]
+    stuffed = x.new_zeros(*x.shape[:-1], n * up)
+    stuffed[..., ::up] = x
+    flat = stuffed.reshape(-1, 1, n * up)
+    # the full convolution, computed only at every down-th output (its stride)
+    kept = torch.nn.functional.conv1d(flat, h.view(1, 1, -1), padding=len(taps) - 1,
+                                      stride=down)[:, 0]
+    n_out = -(-n * up // down)
+    return kept[:, skip:skip + n_out].reshape(*x.shape[:-1], n_out)
+
+
+@functools.lru_cache(maxsize=8)
+def _kaldi_banks(n_mels, n_fft, sr, fmin, fmax, dtype, device) -> torch.Tensor:
+    return torch.from_numpy(kaldi_mel_banks(n_mels=n_mels, n_fft=n_fft, sr=sr, fmin=fmin,
+                                            fmax=fmax)).to(dtype=dtype, device=device)
+
+
+def kaldi_mel_banks(*, n_mels: int, n_fft: int, sr: int, fmin: float, fmax: float) -> np.ndarray:
+    """Kaldi's mel filters: triangles equally spaced on 1127 ln(1 + f / 700) between fmin and
+    fmax (fmax <= 0: Nyquist + fmax), peak 1, over the bins k * sr / n_fft, k < n_fft / 2; the
+    Nyquist bin's column is 0. Returns (n_mels, n_fft // 2 + 1) float32."""
+    mel = lambda f: 1127.0 * np.log(1.0 + np.asarray(f, dtype=np.float64) / 700.0)  # noqa: E731
+    fmax = fmax if fmax > 0 else sr / 2 + fmax
+    lo, hi = mel(fmin), mel(fmax)
+    step = (hi - lo) / (n_mels + 1)
+    left = lo + np.arange(n_mels)[:, None] * step                      # (n_mels, 1)
+    bins = mel(np.arange(n_fft // 2) * sr / n_fft)[None, :]            # (1, n_fft / 2)
+    rising, falling = (bins - left) / step, (left + 2 * step - bins) / step
+    weights = np.maximum(0.0, np.minimum(rising, falling))
+    return np.pad(weights, ((0, 0), (0, 1))).astype(np.float32)        # (n_mels, n_fft/2 + 1)
+
+
+def efficientat_log_mel(x, *, sr_in: int = SR, sr: int = EFFICIENTAT_SR, n_fft: int = 1024,
+                        win: int = 800, hop: int = 320, n_mels: int = 128, fmin: float = 0.0,
+                        fmax: float = 15000.0) -> torch.Tensor:
+    """EfficientAT's input: x (B, n) at sr_in Hz -> (B, n_mels, T) normalised log-mel,
+    T = 1 + (n * sr / sr_in - 1) // hop."""
+    x = resample_on_device(x, sr_in=sr_in, sr_out=sr)
+    x = x[..., 1:] - 0.97 * x[..., :-1]                 # pre-emphasis: one sample shorter
+    # torch.stft's window of `win` samples sits in the middle of the n_fft-point frame
+    k = torch.arange(win, dtype=torch.float64, device=x.device)
+    window = x.new_zeros(n_fft)
+    window[(n_fft - win) // 2:(n_fft - win) // 2 + win] = (0.5 - 0.5 * torch.cos(
+        2 * math.pi * k / (win - 1))).to(x.dtype)         # symmetric Hann
+    padded = torch.nn.functional.pad(x[:, None], (n_fft // 2, n_fft // 2), mode="reflect")[:, 0]
+    spec = torch.fft.rfft(padded.unfold(-1, n_fft, hop) * window, dim=-1)   # (B, T, n_bins)
+    power = spec.real ** 2 + spec.imag ** 2
+    banks = _kaldi_banks(n_mels, n_fft, sr, fmin, fmax, x.dtype, x.device)  # (n_mels, n_bins)
+    mel = torch.matmul(banks, power.transpose(-1, -2))                       # (B, n_mels, T)
+    return (torch.log(mel + 1e-5) + 4.5) / 5.0
+
+
+def kaldi_fbank(x, *, sr: int = SR, n_mels: int = 128, frame: int = 400, shift: int = 160,
+                n_fft: int = 512, fmin: float = 20.0, fmax: float = 0.0,
+                preemphasis: float = 0.97) -> torch.Tensor:
+    """Kaldi's log mel filterbank (torchaudio.compliance.kaldi.fbank's defaults, no dither) of
+    x (B, n) in the sample scale it is given. Returns (B, T, n_mels), T = 1 + (n - frame) // shift."""
+    frames = x.unfold(-1, frame, shift)                               # (B, T, frame)
+    frames = frames - frames.mean(dim=-1, keepdim=True)               # DC offset per frame
+    previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)  # x[-1] := x[0], Kaldi's
+    frames = frames - preemphasis * previous
+    k = torch.arange(frame, dtype=torch.float64, device=x.device)
+    povey = ((0.5 - 0.5 * torch.cos(2 * math.pi * k / (frame - 1))) ** 0.85).to(x.dtype)
+    spec = torch.fft.rfft(frames * povey, n=n_fft, dim=-1)           # zero-padded to n_fft
+    power = spec.real ** 2 + spec.imag ** 2                           # (B, T, n_fft/2 + 1)
+    banks = _kaldi_banks(n_mels, n_fft, sr, fmin, fmax, x.dtype, x.device)
+    return torch.matmul(power, banks.T).clamp(min=FLOAT32_EPS).log()  # (B, T, n_mels)

@@ -66,6 +66,9 @@ SYSTEMS = {
                   "JLESS 2022: batch mixing, MobileFaceNet/DPT on section IDs, LOF/cosine/log-softmax"),
     "midea2024": ("midea2024", "Midea2024",
                   "Midea 2024: dual-branch spectrum/spectrogram CNN + CBAM, sub-cluster AdaCos"),
+    "encoder_knn": ("encoder_knn", "EncoderKNN",
+                    "frozen AudioSet encoder (EfficientAT mn04, BEATs, PANNs ResNet38) + "
+                    "nearest-neighbour memory bank per section (GenRep); nothing trained"),
 }
 
 # keyword-only parameters every system's __init__ takes; the others are its own options

@@ -250,3 +250,37 @@ def test_progress_line_shows_bytes_rate_and_time_left():
     progress.update(2_500_000)
     line = progress.line(progress.t0 + 1.0)
     assert line == "dev_fan.zip  2.5/10.0 MB  2.5 MB/s  00:00:03 left"
+
+
+# --------------------------------------------------------------------------------------------
+# Pre-trained weights (download --weights): a release asset, checked by sha256
+
+def small_weights(monkeypatch, body):
+    """WEIGHTS["mn04"] pointed at a small file with body's size and checksum."""
+    monkeypatch.setitem(download.WEIGHTS, "mn04", dict(
+        download.WEIGHTS["mn04"], size=len(body), sha256=hashlib.sha256(body).hexdigest()))
+    return download.WEIGHTS["mn04"]["file"]
+
+
+def test_weights_are_fetched_checked_and_a_second_run_fetches_nothing(zenodo, tmp_path,
+                                                                      monkeypatch, capsys):
+    body = b"weights " * 1000
+    name = small_weights(monkeypatch, body)
+    zenodo["blobs"][name] = body
+    argv = ["download", "--weights", "mn04", "--weights-url", f"{zenodo['url']}/files",
+            "--data-root", tmp_path, "--quiet"]
+    assert asd.main(argv) == 0
+    assert (tmp_path / "weights" / name).read_bytes() == body
+    assert "downloaded, verified" in capsys.readouterr().out
+    zenodo["log"].clear()
+    assert asd.main(argv) == 0 and file_requests(zenodo) == []
+    assert "verified earlier" in capsys.readouterr().out
+
+
+def test_weights_with_a_wrong_checksum_are_refused_and_removed(zenodo, tmp_path, monkeypatch):
+    name = small_weights(monkeypatch, b"the published bytes")
+    zenodo["blobs"][name] = b"other bytes, same len"[:len(b"the published bytes")]
+    with pytest.raises(download.DownloadError, match=f"{name}: sha256 .* expected"):
+        download.download_weights("mn04", dest_dir=tmp_path, base_url=f"{zenodo['url']}/files",
+                                  show=False)
+    assert list(tmp_path.iterdir()) == []             # nothing that could be loaded
