@@ -466,14 +466,15 @@ def cmd_score(args):
     if args.csv:
         scoring.write_table_csv(args.csv, ["file", "score", "decision"], rows)
     fit = json.loads((Path(args.model) / "threshold.json").read_text())   # load_model read it
-    print(score_summary(fit, threshold, len(paths), rows))
+    # stdout stays the per-file table (file, score, decision) for pipes; the rest to stderr
+    print(score_summary(fit, threshold, len(paths), rows), file=sys.stderr)
     if args.plot and rows:
         held = fit.get("scores", [])
         title = f"{len(rows)} files scored with {Path(args.model).name} ({about['system']})"
         data.write_text(args.plot, plots.score_svg(
             [r[1] for r in rows], threshold, held, title=title,
             held_name=f"{fit.get('fitted_to', 'held-out')} normal"))
-        print(f"histogram -> {args.plot}")
+        print(f"histogram -> {args.plot}", file=sys.stderr)
     if failed:
         raise ValueError(f"{len(failed)} of {len(paths)} files could not be scored (each named "
                          f"above); they have no score")

@@ -58,6 +58,9 @@ POOLINGS = ("mean", "time")
 
 class EncoderKNN:
     name = "encoder_knn"
+    # GenRep banks each section's own source and target training clips: the part's clips
+    training_data = dict(additional=False, paper="each section's own training clips")
+    shared_pool = None                  # nothing trains, so nothing is shared
     quick = dict(batch_size=4)          # nothing trains: quick only makes smaller batches
     meta = dict(
         acoustic_features="the pre-trained encoder's own front end (EfficientAT log-mel, Kaldi "

@@ -275,14 +275,15 @@ def test_score_plot_draws_the_scores_against_threshold_and_held_out(source_only,
     capsys.readouterr()
     argv = ["score", "--model", model, tmp / "data/dcase2022/dev_data/fan/test", "--plot", plot]
     assert asd.main(argv) == 0
-    out = capsys.readouterr().out
-    scored = [float(line.split("\t")[1]) for line in out.splitlines() if line.count("\t") == 2]
+    captured = capsys.readouterr()
+    out, err = captured.out, captured.err
+    scored = [float(line.split("\t")[1]) for line in out.splitlines()]   # stdout: the table only
     fit = json.loads((model / "threshold.json").read_text())
     flagged = sum(s > fit["threshold"] for s in scored)
     assert re.search(rf"^scored {len(scored)} of {len(scored)} files \(0 skipped\); {flagged} "
                      rf"flagged anomalous, above the threshold [\d.e+]+ \(0.9 quantile of a "
-                     rf"gamma fitted to {len(fit['scores'])} held-out scores\)$", out, re.M), out
-    assert len(scored) == 16 and f"histogram -> {plot}" in out
+                     rf"gamma fitted to {len(fit['scores'])} held-out scores\)$", err, re.M), err
+    assert len(scored) == 16 and f"histogram -> {plot}" in err
     root = ET.parse(plot).getroot()
     (g,) = _panels(root, "histogram")
     values = scored + fit["scores"] + [fit["threshold"]]
