@@ -279,17 +279,36 @@ def _check_resume(partial, args):
 # test
 
 
+RETRAIN = "the model folder is damaged; train it again with --force"
+
+
 def load_model(model_dir, device, cache_dir):
+    """The system saved in model_dir/model.pt, and the threshold of threshold.json. A file
+    there that is truncated, not asd's, or lacks what asd wrote is one line naming it."""
     import torch
     path = Path(model_dir) / "model.pt"
     if not path.exists():
         raise ValueError(f"{path}: no trained model; run 'python asd.py train' first")
-    saved = torch.load(path, map_location=device, weights_only=False)
+    try:
+        saved = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:       # torch.load raises several types; the path and reason matter
+        raise data.DataError(f"{path}: not a model file asd wrote, or truncated "
+                             f"({short_reason(e)}); {RETRAIN}") from None
+    if not (isinstance(saved, dict) and {"system", "options", "state"} <= set(saved)):
+        raise data.DataError(f"{path}: not a model file asd wrote (no system, options and "
+                             f"state); {RETRAIN}")
     options = {**saved["options"], "device": device, "cache_dir": cache_dir}
     system = systems.get_system(saved["system"])(**options)
     system.load_state(saved["state"])
-    threshold = json.loads((Path(model_dir) / "threshold.json").read_text())["threshold"]
+    threshold = data.read_json(Path(model_dir) / "threshold.json", fix=RETRAIN,
+                               keys=("threshold",))["threshold"]
     return system, threshold
+
+
+def short_reason(error):
+    """The first line of an exception's message, for a one-line error (at most 100 characters)."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 def cmd_test(args):
@@ -344,7 +363,10 @@ def cmd_score(args):
     if not about_path.exists():
         raise ValueError(f"{about_path}: not found; --model must be a folder written by "
                          f"'python asd.py train' (model.pt, threshold.json, model.json)")
-    about = json.loads(about_path.read_text())
+    about = data.read_json(about_path, fix=RETRAIN, keys=("year", "machine"))
+    if args.csv and Path(args.csv).exists() and not args.force:
+        raise ValueError(f"{args.csv} exists; pass --force to overwrite it, or choose another "
+                         f"--csv")
     import features
     system, threshold = load_model(args.model, pick_device(args.device), None)
     sections = about.get("sections", {})

@@ -210,7 +210,8 @@ def list_clips(folder, *, year, machine, split):
         found = sorted(where.glob("*.wav"))
         if not found:
             raise DataError(f"{where}: no *.wav files; the folder is empty or incomplete")
-        clips += [parse_name(p, year=year, machine=machine, split=sub) for p in found]
+        clips += [parse_name(check_name(p), year=year, machine=machine, split=sub)
+                  for p in found]
     return clips
 
 
@@ -491,6 +492,24 @@ def write_text(path, text):
 def write_json(path, obj):
     """write_atomic for JSON, indented; what json cannot hold (paths) is written as str."""
     return write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def read_json(path, *, fix, keys=()):
+    """A JSON file asd wrote (a model's model.json, threshold.json, ...), as a dict holding
+    `keys`; unreadable, not JSON, or without one of them: a DataError naming the file, the
+    reason and `fix` (what to do, e.g. "train the model again with --force")."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found; {fix}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise DataError(f"{path}: not readable JSON ({reason}); {fix}") from None
+    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise DataError(f"{path}: has no '{missing[0]}'; {fix}")
+    return obj
 
 
 # --------------------------------------------------------------------------------------------

@@ -111,7 +111,11 @@ def load_wav(path, *, sr: int = SR) -> np.ndarray:
         raise AudioError(f"{path}: no such file; check the path and the data folder given to asd")
     if not path.is_file():
         raise AudioError(f"{path}: not a regular file; pass the path of a wav file")
-    problem = _riff_problem(path)
+    try:
+        problem = _riff_problem(path)
+    except OSError as err:                 # permission denied, an I/O error of the disk
+        raise AudioError(f"{path}: cannot be read ({err.strerror or err}); check the file's "
+                         "permissions (chmod a+r) or copy it again") from None
     if problem:
         raise AudioError(f"{path}: truncated wav: {problem}; download or copy it again")
     try:

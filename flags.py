@@ -101,6 +101,7 @@ def build_parser(system=None, year=2020, quick=False):
     p.add_argument("paths", nargs="+", help="wav files, and folders searched for *.wav")
     p.add_argument("--model", required=True, help="a model folder written by train")
     p.add_argument("--csv", default=None, help="also write file,score,decision to this CSV")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --csv file")
     add_host_flags(p)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: CUDA when available")

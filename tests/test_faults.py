@@ -1,0 +1,204 @@
+"""Faults after the input checks: a damaged model folder or checkpoint, a full disk, a file
+name that is not UTF-8, a file that cannot be read, two runs building one model. Each ends in
+one line naming the file and what to do, with no traceback, and loses nothing the user had."""
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import asd
+import synth
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--epochs", "2", "--batch-size", "64", "--device", "cpu", "--system", "ae"]
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory):
+    """my_valve/: 20 normal recordings under plain names; a model trained on them; test/:
+    8 recordings to score."""
+    tmp = tmp_path_factory.mktemp("faults")
+    synth.synthesize(tmp / "synth", year=2020, machines=["valve"], n_train=20, n_test=2,
+                     n_sections=1, eval_part=False)
+    dev = tmp / "synth/dcase2020/dev_data/valve"
+    (tmp / "my_valve").mkdir()
+    for i, p in enumerate(sorted((dev / "train").glob("*.wav"))):
+        shutil.copy(p, tmp / "my_valve" / f"rec_{i:03d}.wav")
+    shutil.copytree(dev / "test", tmp / "test")
+    assert asd.main(["train", "--normal-dir", tmp / "my_valve", "--out", tmp / "model",
+                     "--cache-dir", tmp / "cache", *FAST]) == 0
+    return tmp
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())}
+
+
+def one_line(capsys):
+    """The run's stderr, which must be one line (no traceback)."""
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def damage(model, how):
+    """Damage one file of a model folder as a bad copy or another program would."""
+    if how == "model.pt truncated":
+        data = (model / "model.pt").read_bytes()
+        (model / "model.pt").write_bytes(data[:len(data) // 2])
+    elif how == "model.pt random bytes":
+        (model / "model.pt").write_bytes(os.urandom(5000))
+    elif how == "threshold.json not JSON":
+        (model / "threshold.json").write_text('{"thres')
+    elif how == "threshold.json without its key":
+        (model / "threshold.json").write_text("{}")
+    elif how == "model.json garbage":
+        (model / "model.json").write_bytes(b"\x00garbage\xff")
+    return how.split()[0]
+
+
+@pytest.mark.parametrize("how", ["model.pt truncated", "model.pt random bytes",
+                                 "threshold.json not JSON", "threshold.json without its key",
+                                 "model.json garbage"])
+def test_damaged_model_folder_is_one_line_naming_the_file(own, tmp_path, how, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(own / "model", model)
+    name = damage(model, how)
+    before = snapshot(model)
+    assert asd.main(["score", "--model", model, own / "test", "--device", "cpu"]) == 2
+    err = one_line(capsys)
+    assert f"{model / name}:" in err and "train it again with --force" in err, err
+    assert "weights_only" not in err
+    assert snapshot(model) == before                                  # nothing touched
+    assert asd.main(["train", "--normal-dir", own / "my_valve", "--out", model, "--force",
+                     "--cache-dir", own / "cache", *FAST]) == 0          # the advice works
+    assert asd.main(["score", "--model", model, own / "test", "--device", "cpu"]) == 0
+
+
+def test_truncated_checkpoint_on_resume_says_to_delete_it(own, tmp_path, monkeypatch, capsys):
+    import train
+    real_save = train.save
+
+    def interrupt_after_the_first_epoch(obj, path):
+        real_save(obj, path)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "save", interrupt_after_the_first_epoch)
+    argv = ["train", "--normal-dir", own / "my_valve", "--out", tmp_path / "m",
+            "--cache-dir", own / "cache", *FAST]
+    assert asd.main(argv) == 130
+    monkeypatch.setattr(train, "save", real_save)
+    checkpoint = tmp_path / ".m.partial" / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    capsys.readouterr()
+    assert asd.main(argv) == 2
+    err = one_line(capsys)
+    assert f"{checkpoint}: a truncated or damaged checkpoint" in err and "delete it" in err
+    assert checkpoint.exists()                                       # the user decides
+    checkpoint.unlink()
+    assert asd.main(argv) == 0 and (tmp_path / "m" / "model.pt").exists()
+
+
+class FullDisk:
+    """A binary file whose writes fail with ENOSPC once `room` bytes are written."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, b):
+        self.room -= len(b)
+        if self.room < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.f.write(b)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self.f.__exit__(*exc)
+
+
+def test_full_disk_during_train_is_one_line_and_keeps_the_old_model(own, tmp_path,
+                                                                    monkeypatch, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(own / "model", model)
+    before = snapshot(model)
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode="r", *a, **k: (
+        FullDisk(real_fdopen(fd, mode, *a, **k), 4096) if "b" in mode
+        else real_fdopen(fd, mode, *a, **k)))
+    assert asd.main(["train", "--normal-dir", own / "my_valve", "--out", model, "--force",
+                     "--cache-dir", own / "cache", *FAST]) == 2
+    err = one_line(capsys)
+    assert "checkpoint.pt: could not write it (No space left on device)" in err, err
+    assert snapshot(model) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]     # no partial, no temp
+
+
+def non_utf8(path, bad):
+    """Rename `path` so that its name holds the byte `bad` (not UTF-8); returns the bytes path."""
+    new = os.fsencode(path).replace(b"_A.wav", b"_" + bad + b".wav")
+    os.rename(os.fsencode(path), new)
+    return new
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_non_utf8_name_in_a_dcase_folder_is_named(tmp_path, split, capsys):
+    synth.synthesize(tmp_path / "data", year=2022, machines=["fan"], n_train=10, n_test=1,
+                     n_sections=1, eval_part=False)
+    run = ["--year", 2022, "--machine", "fan", "--data-root", tmp_path / "data",
+           "--out", tmp_path / "runs", "--cache-dir", tmp_path / "cache"]
+    if split == "test":
+        assert asd.main(["train", *run, *FAST]) == 0
+        capsys.readouterr()
+    folder = tmp_path / "data/dcase2022/dev_data/fan" / split
+    non_utf8(sorted(folder.glob("*_A.wav"))[0], b"\xff")
+    assert asd.main([split, *run, *(FAST if split == "train" else [])]) == 2
+    err = one_line(capsys)
+    assert f"{folder}/" in err and "_\\xff.wav: the file name is not valid UTF-8" in err, err
+    assert not (tmp_path / "runs/dcase2022/ae/dev/results").exists() or not any(
+        (tmp_path / "runs/dcase2022/ae/dev/results").iterdir())
+
+
+def test_unreadable_file_is_reported_and_the_others_are_scored(own, tmp_path, monkeypatch,
+                                                               capsys):
+    """Permission denied (chmod 000; tests run as root, who may read it anyway, so the error is
+    raised where the file is opened)."""
+    import builtins
+    files = sorted((own / "test").glob("*.wav"))
+    locked = files[1]
+    real_open = builtins.open
+
+    def denying_open(file, *a, **k):
+        if isinstance(file, (str, os.PathLike)) and Path(file) == locked:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real_open(file, *a, **k)
+    monkeypatch.setattr(builtins, "open", denying_open)
+    csv = tmp_path / "scores.csv"
+    assert asd.main(["score", "--model", own / "model", own / "test", "--csv", csv,
+                     "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == (f"error: {locked}: cannot be read (Permission denied); check the file's "
+                      f"permissions (chmod a+r) or copy it again"), err
+    assert "1 of 8 files could not be scored" in err[1] and len(err) == 2
+    scored = [line.split(",")[0] for line in csv.read_text().splitlines()[1:]]
+    assert scored == [str(p) for p in files if p != locked]          # the clips after it too
+
+
+def test_score_csv_is_not_overwritten_without_force(own, tmp_path, capsys):
+    csv = tmp_path / "scores.csv"
+    csv.write_text("last week's scores\n")
+    clip = sorted((own / "test").glob("*.wav"))[0]
+    assert asd.main(["score", "--model", own / "model", clip, "--csv", csv]) == 2
+    assert f"{csv} exists; pass --force" in one_line(capsys)
+    assert csv.read_text() == "last week's scores\n"
+    assert asd.main(["score", "--model", own / "model", clip, "--csv", csv, "--force"]) == 0
+    assert csv.read_text().splitlines()[1].startswith(str(clip))
