@@ -19,6 +19,7 @@ torch (and with it features, models and the systems' own modules) is imported on
 commands that train or score, so `list`, `--help` and `evaluate` start at once.
 """
 import argparse
+import collections
 import ctypes
 import inspect
 import json
@@ -123,6 +124,19 @@ def data_folder(args):
                                                                    args.part)
 
 
+def check_machine(args):
+    """A machine type the year's table does not list: a typo in the standard layout (an error
+    listing the valid ones), but a user's own machine in a folder given with --data-dir,
+    taken with one line saying so."""
+    try:
+        data.get_year(args.year).sections(args.machine, args.part)
+    except data.DataError:
+        if not args.data_dir:
+            raise
+        print(f"note: {args.machine} is not one of the DCASE {args.year} {args.part} machine "
+              f"types; taken as your own, from {Path(args.data_dir) / args.machine}")
+
+
 def train_clips(args):
     """Training clips: the part's train folder; for --part eval of 2020-2022, also the dev
     set's training clips of the same machine type, as the baselines trained for evaluation."""
@@ -173,7 +187,7 @@ def cmd_train(args):
         model_dir, about = Path(args.out), {"machine": clips[0].machine, "sections": sections}
         inputs = [args.normal_dir]
     elif args.machine:
-        data.get_year(args.year).sections(args.machine, args.part)  # unknown machine: error now
+        check_machine(args)
         model_dir, about = run_dir(args) / "models" / args.machine, {"machine": args.machine}
         clips = train_clips(args)
         inputs = sorted({c.path.parents[2] for c in clips})      # the folders holding <machine>/
@@ -209,17 +223,28 @@ def fit_and_save(args, clips, model_dir, about):
     import features
     import train
     device = pick_device(args.device)
+    if len(clips) < 2:
+        raise data.DataError(f"{clips[0].path.parent}: 1 training clip of {about['machine']}; "
+                             f"a model and its threshold need two or more normal clips (a "
+                             f"useful one, hundreds): add normal recordings there")
     fit_clips, held = data.hold_out(clips, args.threshold_holdout, seed=args.seed)
     print(f"train {args.system} on {len(fit_clips)} clips of {about['machine']} ({args.year} "
-          f"recipe) on {device}; {len(held)} clips held out for the threshold")
+          f"recipe: the DCASE {args.year} systems' features and settings; --year picks "
+          f"another) on {device}; {len(held)} clips held out for the threshold")
+    warn_rough_threshold(args, held)
     cls = systems.get_system(args.system)
     system = cls(**system_options(args, device), log=args.log)
     features.check_clips([c.path for c in clips], min_samples=system.min_samples, training=True,
-                         log=args.log)
+                         log=args.log, shorter_input=getattr(system, "shorter_input", None))
     t0 = time.time()
     extra = {}
     if "supplemental_clips" in inspect.signature(cls.fit).parameters:   # 2025's extra folder
         extra["supplemental_clips"] = pretrain_pool(args, "supplemental") or []
+        if getattr(args, "supplemental", False) and not extra["supplemental_clips"]:
+            raise data.DataError(f"{data_folder(args) / about['machine'] / 'supplemental'}: "
+                                 f"no supplemental normal clips there (nor for any machine type "
+                                 f"beside it); --supplemental trains on the 2025 supplemental/ "
+                                 f"folders: download them, or leave out --supplemental")
     if "pretrain_clips" in inspect.signature(cls.fit).parameters:
         pool = pretrain_pool(args)
         pool = pool and [c for c in pool if c not in set(held)]
@@ -236,13 +261,16 @@ def fit_and_save(args, clips, model_dir, about):
         print(f"warning: the threshold is fitted to the training clips' own scores "
               f"(--threshold-holdout {args.threshold_holdout}, {len(clips)} clips); it will "
               f"flag more normal clips than its quantile says")
-    scoring.check_spread(scores, f"{args.system} on {about['machine']}, {source} scores")
+    warning = scoring.check_spread(scores, f"{args.system} on {about['machine']}, {source} "
+                                   f"scores", advice=what_was_too_few(fit_clips))
+    if warning:
+        print(warning)
     threshold = scoring.gamma_threshold(scores, q=args.threshold_quantile)
     if threshold <= 0 <= scores.min():
         raise ValueError(f"{args.system} on {about['machine']}: the gamma threshold "
                          f"{threshold:.4g} is not positive for scores that are; the {source} "
                          f"scores ({scores.min():.4g} to {scores.max():.4g}) are too close")
-    options = system_options(args, "cpu")
+    options = {**system_options(args, "cpu"), "cache_dir": None}   # this machine's, not the model's
     train.save({"system": args.system, "options": options, "state": system.state()},
                model_dir / "model.pt")
     data.write_json(model_dir / "threshold.json", {
@@ -256,7 +284,49 @@ def fit_and_save(args, clips, model_dir, about):
     for checkpoint in model_dir.glob("checkpoint*.pt"):
         checkpoint.unlink()
     print(f"trained in {time.time() - t0:.1f} s; gamma threshold {threshold:.4g} "
-          f"({args.threshold_quantile:g} quantile of {len(scores)} {source} scores)")
+          f"({args.threshold_quantile:g} quantile of {len(scores)} {source} scores); "
+          f"{peak_memory(device)}")
+
+
+ROUGH_BELOW = 20   # held-out clips: a gamma quantile fitted to fewer is a rough guess
+
+
+def warn_rough_threshold(args, held):
+    """One line when the threshold will be fitted to fewer than ROUGH_BELOW held-out clips
+    (on the real samples, 6-8 clips gave a threshold flagging 26-64% of normal valve clips,
+    not 10%), saying how to get a better one."""
+    if held and len(held) < ROUGH_BELOW:
+        print(f"warning: the threshold will be fitted to {len(held)} held-out clips, so it is "
+              f"rough (it may flag far more or fewer normal clips than "
+              f"{1 - args.threshold_quantile:.0%}); for a better one train on more normal clips "
+              f"({ROUGH_BELOW} held out at --threshold-holdout {args.threshold_holdout:g} "
+              f"needs {ROUGH_BELOW / max(args.threshold_holdout, 1e-9):.0f}) or raise "
+              f"--threshold-holdout")
+
+
+def what_was_too_few(clips):
+    """What a collapsed model learnt from, for its refusal: the clips per section and per
+    attribute string, and the smallest of these classes (a class of one clip teaches nothing)."""
+    sections = collections.Counter(c.section for c in clips)
+    attributes = collections.Counter(c.attributes for c in clips if c.attributes)
+    listed = "; ".join(f"{what} " + ", ".join(f"{k}: {n}" for k, n in sorted(found.items()))
+                       for what, found in (("section", sections), ("attributes", attributes))
+                       if found)
+    smallest = min([*sections.values(), *attributes.values()])
+    return (f"it learnt from {len(clips)} clips ({listed}), {smallest} in the smallest class: "
+            f"too few to tell apart; give more normal clips of each, or train longer (--epochs)")
+
+
+def peak_memory(device):
+    """'peak memory N MB (...)': CUDA's allocator peak on a GPU, else the process's peak
+    resident size (the figure to compare with a machine's RAM)."""
+    import resource
+    if str(device).startswith("cuda"):
+        import torch
+        return f"peak memory {torch.cuda.max_memory_allocated() / 2 ** 20:.0f} MB (CUDA allocator)"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss      # KiB on Linux, bytes on macOS
+    mb = rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10
+    return f"peak memory {mb:.0f} MB (process resident size)"
 
 
 def _check_resume(partial, args):
@@ -305,6 +375,19 @@ def load_model(model_dir, device, cache_dir):
     return system, threshold
 
 
+def threshold_line(model_dir, threshold, scores):
+    """The decision threshold, what it was fitted to, and how many of these scores it flags:
+    a threshold fitted to a few clips, or under other conditions, may flag far more normal
+    clips than its quantile says, and the user should see that."""
+    fit = data.read_json(Path(model_dir) / "threshold.json", fix=RETRAIN, keys=("threshold",))
+    n_fit, flagged = len(fit.get("scores", [])), int(np.sum(np.asarray(scores) > threshold))
+    rough = f"; rough: fewer than {ROUGH_BELOW}" if n_fit < ROUGH_BELOW else ""
+    return (f"threshold {threshold:.4g}: the {fit.get('quantile', 0.9):g} quantile of a gamma "
+            f"fitted to the scores of {n_fit} {fit.get('fitted_to', 'held-out')} clips{rough}; "
+            f"it flags {flagged} of {len(scores)} clips here as anomalous "
+            f"({flagged / max(len(scores), 1):.0%})")
+
+
 def short_reason(error):
     """The first line of an exception's message, for a one-line error (at most 100 characters)."""
     text = (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -313,7 +396,7 @@ def short_reason(error):
 
 def cmd_test(args):
     import features
-    data.get_year(args.year).sections(args.machine, args.part)
+    check_machine(args)
     clips = data.list_clips(data_folder(args), year=args.year, machine=args.machine,
                             split="test")
     groups = {}
@@ -330,8 +413,9 @@ def cmd_test(args):
     system, threshold = load_model(run_dir(args) / "models" / args.machine, device,
                                    None if args.no_cache else args.cache_dir)
     features.check_clips([c.path for c in clips], min_samples=system.min_samples, training=False,
-                         log=args.log)
+                         log=args.log, shorter_input=getattr(system, "shorter_input", None))
     scores = system.score(clips)            # every clip scored before anything is written
+    print(threshold_line(run_dir(args) / "models" / args.machine, threshold, scores))
     # every file of this run is written into a folder of its own first, then renamed into
     # results/: a full disk stops the run before any result appears, never half-way
     results.mkdir(parents=True, exist_ok=True)
@@ -377,7 +461,8 @@ def cmd_score(args):
                                section=sections.get(path.parent.name, "00"), split="test")
         try:
             data.check_name(path)
-            features.check_clip(path, min_samples=system.min_samples, training=False)
+            features.check_clip(path, min_samples=system.min_samples, training=False,
+                                shorter_input=getattr(system, "shorter_input", None))
             score = float(system.score([clip])[0])
             if not np.isfinite(score):
                 raise features.AudioError(f"{path}: the model gave a non-finite score ({score})")
@@ -390,6 +475,7 @@ def cmd_score(args):
         print(f"{path}\t{score:.6g}\t{decision}")
     if args.csv:
         scoring.write_table_csv(args.csv, ["file", "score", "decision"], rows)
+    print(threshold_line(args.model, threshold, [score for _, score, _ in rows]))
     if failed:
         raise ValueError(f"{len(failed)} of {len(paths)} files could not be scored (each named "
                          f"above); they have no score")

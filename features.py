@@ -146,26 +146,32 @@ def load_batch(paths, *, sr: int = SR) -> list[np.ndarray]:
     return [load_wav(p, sr=sr) for p in paths]  # [(n_samples,)] * len(paths)
 
 
-def check_clip(path, *, min_samples: int, training: bool, sr: int = SR) -> None:
+def check_clip(path, *, min_samples: int, training: bool, sr: int = SR,
+               shorter_input=None) -> None:
     """load_wav's checks, and: at least min_samples long (the system's shortest input), and,
     for a training clip, not silent (all-zero: it would teach the model that silence, a
-    stopped machine or a dead microphone, is normal). Raises AudioError naming the file."""
+    stopped machine or a dead microphone, is normal). Raises AudioError naming the file.
+    shorter_input(n_samples): the system's flag and value that would take a clip this long
+    (e.g. "--frames 63"), named in the refusal of a short clip."""
     x = load_wav(path, sr=sr)
     if len(x) < min_samples:
+        shorten = f", or shorten the system's input: {shorter_input(len(x))}" if shorter_input else ""
         raise AudioError(f"{path}: {len(x) / sr:.3f} s long, shorter than the {min_samples / sr:.3f} s "
-                         f"this system needs; remove it or record a longer clip")
+                         f"this system needs; remove it or record a longer clip{shorten}")
     if training and not np.any(x):
         raise AudioError(f"{path}: silent (every sample is 0); a training clip must hold the "
                          f"machine's normal sound: remove it from the training folder")
 
 
-def check_clips(paths, *, min_samples: int, training: bool, log=None, sr: int = SR) -> None:
+def check_clips(paths, *, min_samples: int, training: bool, log=None, sr: int = SR,
+                shorter_input=None) -> None:
     """check_clip on every file, before any work (a few seconds per thousand clips): the first
     broken one stops the run with one line naming it; log(line) hears progress every
     PROGRESS_S seconds."""
     shown = time.monotonic()
     for i, path in enumerate(paths, 1):
-        check_clip(path, min_samples=min_samples, training=training, sr=sr)
+        check_clip(path, min_samples=min_samples, training=training, sr=sr,
+                   shorter_input=shorter_input)
         if log and time.monotonic() - shown > PROGRESS_S:
             log(f"checked {i} of {len(paths)} clips")
             shown = time.monotonic()
