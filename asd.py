@@ -195,23 +195,26 @@ def cmd_train(args):
         raise ValueError("train: give --machine (a DCASE set) or --normal-dir DIR (a folder of "
                          "your own machine's normal recordings)")
     data.check_apart(model_dir, inputs)
-    if (model_dir / "model.pt").exists() and not args.force:
-        raise ValueError(f"{model_dir / 'model.pt'} exists; pass --force to train again")
-    if model_dir.exists() and any(model_dir.iterdir()) and not data.owned(model_dir):
-        raise ValueError(f"{model_dir}: exists and was not written by asd (no {data.MARKER} "
-                         f"marker); move it away or choose another --out")
-    partial = model_dir.with_name(f".{model_dir.name}.partial")
-    _check_resume(partial, args)
-    if not partial.exists():
-        data.claim(partial, "python asd.py train")
-    data.write_json(partial / "args.json", {**run_args(args), **versions()})
-    try:
-        fit_and_save(args, clips, partial, about)
-    except Exception:
-        if not any(partial.glob("checkpoint*.pt")):     # nothing to resume: leave nothing
-            data.remove_owned(partial)
-        raise
-    kept = data.swap_in(partial, model_dir)
+    # one run at a time builds a model folder: a second one says which run holds it and stops
+    with data.lock(model_dir.with_name(f".{model_dir.name}.lock"), what=f"model {model_dir}",
+                   wait=False, log=args.log):
+        if (model_dir / "model.pt").exists() and not args.force:
+            raise ValueError(f"{model_dir / 'model.pt'} exists; pass --force to train again")
+        if model_dir.exists() and any(model_dir.iterdir()) and not data.owned(model_dir):
+            raise ValueError(f"{model_dir}: exists and was not written by asd (no "
+                             f"{data.MARKER} marker); move it away or choose another --out")
+        partial = model_dir.with_name(f".{model_dir.name}.partial")
+        _check_resume(partial, args)
+        if not partial.exists():
+            data.claim(partial, "python asd.py train")
+        data.write_json(partial / "args.json", {**run_args(args), **versions(), "pid": os.getpid()})
+        try:
+            fit_and_save(args, clips, partial, about)
+        except Exception:
+            if not any(partial.glob("checkpoint*.pt")):     # nothing to resume: leave nothing
+                data.remove_owned(partial)
+            raise
+        kept = data.swap_in(partial, model_dir)
     print(f"model -> {model_dir}" + (f"; {kept}" if kept else ""))
 
 
@@ -330,19 +333,29 @@ def peak_memory(device):
 
 
 def _check_resume(partial, args):
-    """An interrupted run (its folder still there) resumes only with the same arguments; with
-    other ones, --force starts afresh and anything else is refused."""
-    if not (partial / "args.json").exists():
+    """A partial folder left by an earlier run (under the lock, its process has ended): resumed
+    when its arguments are these and a checkpoint is there, else replaced (with other
+    arguments only under --force), with a line saying which."""
+    if not partial.exists():
         return
-    old = json.loads((partial / "args.json").read_text())
+    if not data.owned(partial):
+        raise ValueError(f"{partial}: an unfinished model folder without asd's {data.MARKER} "
+                         f"marker (an older asd's); delete it and train again")
+    old = data.read_json(partial / "args.json", fix=f"delete {partial} and train again"
+                         ) if (partial / "args.json").exists() else {}
     keys = ("system", "epochs", "batch_size", "lr", "seed", "year", "part", "quick",
             "threshold_holdout", *systems.own_options(systems.get_system(args.system)))
-    changed = [k for k in keys if old.get(k) != getattr(args, k)]
+    changed = [k for k in keys if old and old.get(k) != getattr(args, k)]
     if changed and not args.force:
         raise ValueError(f"{partial}: an interrupted run with other {', '.join(changed)} is "
                          f"there; pass --force to start again")
-    if changed:
-        data.remove_owned(partial)
+    ended = f"pid {old['pid']}, " if "pid" in old else ""
+    if not changed and any(partial.glob("checkpoint*.pt")):
+        print(f"resuming the run that stopped in {partial} ({ended}same arguments)")
+        return
+    why = f"other {', '.join(changed)}" if changed else "no checkpoint to resume"
+    print(f"replacing {partial}, left by a run that has ended ({ended}{why})")
+    data.remove_owned(partial)
 
 
 # --------------------------------------------------------------------------------------------
@@ -653,7 +666,7 @@ def main(argv=None):
         if args.command in ("train", "test", "score", "demo"):
             start_torch(getattr(args, "seed", 0), args.threads, args.release_memory)
         COMMANDS[args.command](args)
-    except (ValueError, OSError) as e:        # data, audio, scoring errors: one line, no trace
+    except (ValueError, OSError, data.Busy) as e:   # bad data or audio, a busy model: one line
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)

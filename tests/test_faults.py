@@ -202,3 +202,49 @@ def test_score_csv_is_not_overwritten_without_force(own, tmp_path, capsys):
     assert csv.read_text() == "last week's scores\n"
     assert asd.main(["score", "--model", own / "model", clip, "--csv", csv, "--force"]) == 0
     assert csv.read_text().splitlines()[1].startswith(str(clip))
+
+
+SLOW_AFTER_FIRST_EPOCH = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import asd, train
+real_save = train.save
+def save_then_hang(obj, path):        # a long epoch 2: the run holds the model folder
+    real_save(obj, path)
+    time.sleep(600)
+train.save = save_then_hang
+asd.main(sys.argv[2:])
+"""
+
+
+def test_two_runs_into_one_model_folder(own, tmp_path, capsys):
+    """A second `train` while a first one (another process) builds the same model says which
+    run holds it and stops, touching nothing; after the first has died (killed), the next run
+    resumes its partial folder and says so; no folder is lost or left behind."""
+    model = tmp_path / "model"
+    argv = ["train", "--normal-dir", own / "my_valve", "--out", model,
+            "--cache-dir", own / "cache", *FAST]
+    first = subprocess.Popen([sys.executable, "-c", SLOW_AFTER_FIRST_EPOCH, str(ROOT),
+                              *map(str, argv)], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        checkpoint = tmp_path / ".model.partial" / "checkpoint.pt"
+        for _ in range(600):                                 # up to a minute to get there
+            if checkpoint.exists() or first.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert checkpoint.exists() and first.poll() is None
+        before = snapshot(tmp_path / ".model.partial")
+        assert asd.main(argv) == 2
+        err = one_line(capsys)
+        assert f"another run (pid {first.pid}, started " in err and f"building model {model}" in err
+        assert snapshot(tmp_path / ".model.partial") == before and not model.exists()
+    finally:
+        first.kill()
+        first.wait()
+    assert asd.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"resuming the run that stopped in {tmp_path / '.model.partial'} (pid {first.pid}, " \
+           f"same arguments)" in out and "resuming epoch 1 of 2" in out, out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert (model / "model.pt").exists()
