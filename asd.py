@@ -316,8 +316,9 @@ def what_was_too_few(clips):
                        for what, found in (("section", sections), ("attributes", attributes))
                        if found)
     smallest = min([*sections.values(), *attributes.values()])
-    return (f"it learnt from {len(clips)} clips ({listed}), {smallest} in the smallest class: "
-            f"too few to tell apart; give more normal clips of each, or train longer (--epochs)")
+    few = (f", {smallest} in the smallest class: too few to tell apart" if smallest < 5 else "")
+    return (f"it learnt from {len(clips)} clips ({listed}){few}; give more normal clips, or "
+            f"train longer (--epochs)")
 
 
 def peak_memory(device):

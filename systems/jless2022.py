@@ -250,7 +250,9 @@ class Jless2022:
         self.classes = sorted(set(keys))
         self.recipe = self.resolve(clips[0].machine, len(self.classes))
         self.log(f"recipe for {clips[0].machine}: " + ", ".join(
-            f"{k} {'+'.join(v) if isinstance(v, tuple) else v}" for k, v in self.recipe.items()))
+            f"{k} {'+'.join(v) if isinstance(v, tuple) else v}" for k, v in self.recipe.items())
+            + (f" ({OTHER_ONE_CLASS}'s: the clips give one class)" if len(self.classes) < 2
+               else ""))
         self.mean, self.std = 0.0, 1.0
         x, owner = self.patches(clips)
         self.mean, self.std = float(x.mean()), float(x.std())

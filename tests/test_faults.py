@@ -4,12 +4,14 @@ one line naming the file and what to do, with no traceback, and loses nothing th
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import asd
@@ -248,3 +250,137 @@ def test_two_runs_into_one_model_folder(own, tmp_path, capsys):
            f"same arguments)" in out and "resuming epoch 1 of 2" in out, out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     assert (model / "model.pt").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# What a user is told: too few clips, a collapsed model, the threshold and its decisions
+
+def test_train_says_what_it_did_and_what_the_threshold_rests_on(own, tmp_path, capsys):
+    """The fixture's run: the recipe explained, a warning for a threshold fitted to fewer
+    than 20 held-out clips, the peak memory; no cache path of this machine in the model."""
+    import torch
+    assert asd.main(["train", "--normal-dir", own / "my_valve", "--out", tmp_path / "m",
+                     "--cache-dir", own / "cache", *FAST]) == 0
+    out = capsys.readouterr().out
+    assert "(2020 recipe: the DCASE 2020 systems' features and settings; --year picks another)" \
+        in out
+    assert "warning: the threshold will be fitted to 5 held-out clips, so it is rough" in out
+    assert "--threshold-holdout" in out and re.search(r"; peak memory \d+ MB \(process", out)
+    saved = torch.load(tmp_path / "m/model.pt", weights_only=False)
+    assert saved["options"]["cache_dir"] is None
+    assert str(own / "cache") not in (tmp_path / "m/model.json").read_text()
+
+
+def test_score_and_test_print_the_threshold_its_fit_and_what_it_flags(own, tmp_path, capsys):
+    assert asd.main(["score", "--model", own / "model", own / "test", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    flagged = sum(line.endswith("\tanomalous") for line in out)
+    threshold = json.loads((own / "model/threshold.json").read_text())["threshold"]
+    assert out[-1] == (f"threshold {threshold:.4g}: the 0.9 quantile of a gamma fitted to the "
+                       f"scores of 5 held-out clips; rough: fewer than 20; it flags {flagged} "
+                       f"of 8 clips here as anomalous ({flagged / 8:.0%})")
+    synth.synthesize(tmp_path / "data", year=2020, machines=["valve"], n_train=10, n_test=1,
+                     n_sections=1, eval_part=False)
+    run = ["--year", 2020, "--machine", "valve", "--data-root", tmp_path / "data",
+           "--out", tmp_path / "runs", "--cache-dir", tmp_path / "cache"]
+    assert asd.main(["train", *run, *FAST]) == 0
+    capsys.readouterr()
+    assert asd.main(["test", *run, "--system", "ae", "--device", "cpu"]) == 0
+    assert re.search(r"^threshold [\d.e+]+: the 0.9 quantile of a gamma fitted to the scores of "
+                     r"2 held-out clips; rough: fewer than 20; it flags \d of 4 clips here",
+                     capsys.readouterr().out, flags=re.M)
+
+
+@pytest.mark.parametrize("system", ["cai2021", "midea2024"])
+def test_one_training_clip_is_refused_as_too_few(own, tmp_path, system, capsys):
+    folder = tmp_path / "one"
+    folder.mkdir()
+    shutil.copy(own / "my_valve/rec_000.wav", folder)
+    assert asd.main(["train", "--normal-dir", folder, "--out", tmp_path / "m", "--system",
+                     system, "--quick", "--device", "cpu"]) == 2
+    err = one_line(capsys)
+    assert f"{folder}: 1 training clip of one; a model and its threshold need two or more" in err
+    assert "collapsed" not in err and not (tmp_path / "m").exists()
+
+
+def test_collapse_names_what_was_too_few_and_a_near_collapse_warns(own, tmp_path, monkeypatch,
+                                                                   capsys):
+    from systems import ae
+    monkeypatch.setattr(ae.AE, "score", lambda self, clips: np.full(len(clips), 3.0))
+    argv = ["train", "--normal-dir", own / "my_valve", "--out", tmp_path / "m",
+            "--cache-dir", own / "cache", *FAST]
+    assert asd.main(argv) == 2
+    err = one_line(capsys)
+    assert "the model has collapsed and ranks nothing; it learnt from 15 clips (section 00: " \
+           "15); give more normal clips, or train longer (--epochs)" in err, err
+    # 5 held-out scores 40 float32 steps apart at 3.0: kept, with a warning
+    step = np.finfo(np.float32).eps * 3.0
+    monkeypatch.setattr(ae.AE, "score", lambda self, clips: 3.0 + 10 * step * np.arange(len(clips)))
+    assert asd.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "warning: ae on my_valve, held-out scores span 1.43e-05, only 40 float32 steps" in out, out
+
+
+def test_random_bytes_as_pretrained_weights_are_no_checkpoint(tmp_path):
+    """Never the advice to load with weights_only=False (it runs the file's code)."""
+    import models
+    path = tmp_path / "ResNet38_mAP=0.434.pth"
+    path.write_bytes(np.random.default_rng(0).bytes(5000))
+    with pytest.raises(ValueError) as e:
+        models.load_panns_checkpoint(models.ResNet38(), path)
+    assert str(e.value).startswith(f"{path}: not a PyTorch checkpoint of tensors (")
+    assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_two_second_clips_name_the_flag_that_shortens_the_input(tmp_path):
+    """cai2021's 64 frames need 2.016 s: the refusal names --frames 63. jless2022 checks the
+    input of the recipe it runs: fan's STFT patches take a 2-s clip (the check had used the
+    log-mel patch's 2.016 s), valve's log-mel patches name --mel-frames 48 (MobileFaceNet:
+    a multiple of 16)."""
+    import features
+    from systems import cai2021, jless2022
+    clip = synth.machine_sound(np.random.default_rng(0), kind="clicks", f0=100.0, seconds=2.0)
+    synth.write_clip(tmp_path / "two.wav", clip)
+    cai = cai2021.Cai2021(year=2023)
+    with pytest.raises(features.AudioError, match=r"two.wav: 2.000 s long, shorter than the "
+                       r"2.016 s .*; remove it or record a longer clip, or shorten the system's "
+                       r"input: --frames 63$"):
+        features.check_clip(tmp_path / "two.wav", min_samples=cai.min_samples, training=True,
+                            shorter_input=cai.shorter_input)
+    assert cai2021.Cai2021(year=2023, frames=63).min_samples <= len(clip)
+    jless = jless2022.Jless2022(year=2023, log=lambda line: None)
+    features.check_clip(tmp_path / "two.wav", min_samples=jless.min_samples, training=True)
+    two = asd.data.plain_clip(tmp_path / "two.wav", year=2023, machine="fan")
+    jless.mean, jless.std, jless.recipe = 0.0, 1.0, jless.resolve("fan")
+    assert jless.patches([two])[0].shape[-1] == 32                   # one STFT patch
+    jless.recipe = jless.resolve("valve")
+    with pytest.raises(features.AudioError, match=r"two.wav: 63 frames, fewer than the 64 of "
+                       r"one logmel patch .*: --mel-frames 48$"):
+        jless.patches([two])
+
+
+def test_supplemental_without_its_folder_names_the_folder(tmp_path, capsys):
+    synth.synthesize(tmp_path / "data", year=2025, machines=["fan"], n_train=10, n_test=1,
+                     n_sections=1, eval_part=False)
+    assert asd.main(["train", "--year", 2025, "--machine", "fan", "--system", "midea2024",
+                     "--supplemental", "--quick", "--data-root", tmp_path / "data", "--out",
+                     tmp_path / "runs", "--no-cache", "--device", "cpu"]) == 2
+    folder = tmp_path / "data/dcase2025/dev_data/fan/supplemental"
+    assert f"{folder}: no supplemental normal clips there" in one_line(capsys)
+
+
+def test_own_machine_type_in_the_dcase_layout_is_taken_with_data_dir(tmp_path, capsys):
+    synth.synthesize(tmp_path / "data", year=2022, machines=["fan"], n_train=10, n_test=1,
+                     n_sections=1, eval_part=False)
+    folder = tmp_path / "data/dcase2022/dev_data"
+    (folder / "fan").rename(folder / "bldc")
+    run = ["--year", 2022, "--machine", "bldc", "--data-dir", folder, "--out", tmp_path / "runs",
+           "--cache-dir", tmp_path / "cache"]
+    assert asd.main(["train", *run, *FAST]) == 0
+    assert asd.main(["test", *run, "--system", "ae"]) == 0
+    note = ("note: bldc is not one of the DCASE 2022 dev machine types; taken as your own, "
+            f"from {folder / 'bldc'}")
+    assert capsys.readouterr().out.count(note) == 2
+    assert asd.main(["train", *run[:2], "--machine", "bldc", "--data-root", tmp_path / "data",
+                     "--out", tmp_path / "runs"]) == 2                 # the standard layout
+    assert "unknown machine 'bldc' for the 2022 dev set" in one_line(capsys)
