@@ -428,6 +428,7 @@ def cmd_test(args):
                                    None if args.no_cache else args.cache_dir)
     features.check_clips([c.path for c in clips], min_samples=system.min_samples, training=False,
                          log=args.log, shorter_input=getattr(system, "shorter_input", None))
+    print(f"scoring {len(clips)} test clips of {args.machine} with {args.system}", flush=True)
     scores = system.score(clips)            # every clip scored before anything is written
     print(threshold_line(run_dir(args) / "models" / args.machine, threshold, scores))
     # every file of this run is written into a folder of its own first, then renamed into

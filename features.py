@@ -52,6 +52,7 @@ POWER = 2.0  # exponent on |STFT|: 2.0 is a power spectrogram
 N_FRAMES = 5  # consecutive frames stacked into one AE input vector (5 * 128 = 640 dims)
 EPS = sys.float_info.epsilon  # 2.2e-16, the baselines' log floor
 PROGRESS_S = 5.0  # s between progress lines of a long check or feature extraction
+PROGRESS_CLIPS = 32  # clips: a feature pass over this many says so when it starts
 # mel filters per block of log_mel's banded filterbank product. ms per 10-s clip of the product
 # and the log, batches of 4, one thread (timed outside bench.py, min of 20 runs): block 8: 0.188,
 # 16: 0.192, 32: 0.235, 64: 0.345. Block 16 does 13% of the dense product's multiplications.
@@ -625,6 +626,10 @@ def clip_features(paths, kind, settings, *, sr=SR, cache_dir=None, device="cpu",
             out[i] = torch.from_numpy(np.load(hit))
         else:
             todo.append(i)
+    if log and len(todo) >= PROGRESS_CLIPS:     # a long first pass says at once what it does
+        log(f"{kind}: computing the features of {len(todo)} clips"
+            + (f" ({len(paths) - len(todo)} more cached)" if len(todo) < len(paths) else "")
+            + (f", cached in {cache_dir}" if cache_dir else ""))
     t0 = shown = time.monotonic()
     for start in range(0, len(todo), batch):
         if log and time.monotonic() - shown > PROGRESS_S:

@@ -286,9 +286,11 @@ def test_score_and_test_print_the_threshold_its_fit_and_what_it_flags(own, tmp_p
     assert asd.main(["train", *run, *FAST]) == 0
     capsys.readouterr()
     assert asd.main(["test", *run, "--system", "ae", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("scoring 4 test clips of valve with ae\n")     # before the work
     assert re.search(r"^threshold [\d.e+]+: the 0.9 quantile of a gamma fitted to the scores of "
                      r"2 held-out clips; rough: fewer than 20; it flags \d of 4 clips here",
-                     capsys.readouterr().out, flags=re.M)
+                     out, flags=re.M)
 
 
 @pytest.mark.parametrize("system", ["cai2021", "midea2024"])
@@ -384,3 +386,14 @@ def test_own_machine_type_in_the_dcase_layout_is_taken_with_data_dir(tmp_path, c
     assert asd.main(["train", *run[:2], "--machine", "bldc", "--data-root", tmp_path / "data",
                      "--out", tmp_path / "runs"]) == 2                 # the standard layout
     assert "unknown machine 'bldc' for the 2022 dev set" in one_line(capsys)
+
+
+def test_a_long_feature_pass_says_what_it_does_when_it_starts(own, tmp_path):
+    import features
+    paths = sorted((own / "my_valve").glob("*.wav")) * 2                 # 40 clips
+    lines = []
+    settings = features.log_mel_settings(2020)
+    features.clip_features(paths[:30], "log_mel", settings, log=lines.append)
+    assert lines == []                                                   # short: silent
+    features.clip_features(paths, "log_mel", settings, cache_dir=tmp_path, log=lines.append)
+    assert lines[0] == f"log_mel: computing the features of 40 clips, cached in {tmp_path}"
