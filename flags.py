@@ -69,8 +69,11 @@ def add_host_flags(p):
                         "count (1: steady on a shared machine)")
     p.add_argument("--release-memory", action="store_true",
                    help="hand freed memory back to the system at once (glibc's default): a "
-                        "lower peak (shinmura2020 at the paper's sizes: 4.9 GB, not 6.2-7.2), "
-                        "CPU steps of large networks up to 2x slower (asd.keep_freed_memory)")
+                        "lower peak (shinmura2020 at the paper's sizes, bench train's 24 clips: "
+                        "4.9 GB, not 6.2-7.2), CPU steps of large networks up to 2x slower "
+                        "(asd.keep_freed_memory). The peak grows with the clips: a full "
+                        "shinmura2020 run on real data peaked at 9.2-9.35 GB; train prints its "
+                        "peak at the end")
 
 
 def add_compute_flags(p):
