@@ -659,7 +659,8 @@ def main(argv=None):
     debug, log = "--debug" in argv, Log()
     try:
         system, year, quick = flags.phase_one(argv)
-        args = flags.build_parser(system, year, quick).parse_args(argv)
+        help_only = "-h" in argv or "--help" in argv    # no torch needed to list the flags
+        args = flags.build_parser(system, year, quick, help_only).parse_args(argv)
         args.log = log
         if system:
             args.system = system
