@@ -254,25 +254,7 @@ def fit_and_save(args, clips, model_dir, about):
         system.fit(fit_clips, model_dir, pretrain_clips=pool, **extra)
     else:
         system.fit(fit_clips, model_dir, **extra)
-    # The official baselines fit the gamma to the training clips' own scores; a model that has
-    # fitted those clips scores them lower than any new normal clip, so that threshold flags
-    # most normal test clips. Held-out normals give the scores a new normal clip gets.
-    if held:
-        scores, source = system.score(held), "held-out"
-    else:
-        scores, source = system.train_scores(), "training (in-sample)"
-        print(f"warning: the threshold is fitted to the training clips' own scores "
-              f"(--threshold-holdout {args.threshold_holdout}, {len(clips)} clips); it will "
-              f"flag more normal clips than its quantile says")
-    warning = scoring.check_spread(scores, f"{args.system} on {about['machine']}, {source} "
-                                   f"scores", advice=what_was_too_few(fit_clips))
-    if warning:
-        print(warning)
-    threshold = scoring.gamma_threshold(scores, q=args.threshold_quantile)
-    if threshold <= 0 <= scores.min():
-        raise ValueError(f"{args.system} on {about['machine']}: the gamma threshold "
-                         f"{threshold:.4g} is not positive for scores that are; the {source} "
-                         f"scores ({scores.min():.4g} to {scores.max():.4g}) are too close")
+    scores, source, threshold = fit_threshold(args, system, fit_clips, held, about["machine"])
     options = {**system_options(args, "cpu"), "cache_dir": None}   # this machine's, not the model's
     train.save({"system": args.system, "options": options, "state": system.state()},
                model_dir / "model.pt")
@@ -289,6 +271,32 @@ def fit_and_save(args, clips, model_dir, about):
     print(f"trained in {time.time() - t0:.1f} s; gamma threshold {threshold:.4g} "
           f"({args.threshold_quantile:g} quantile of {len(scores)} {source} scores); "
           f"{peak_memory(device)}")
+
+
+def fit_threshold(args, system, fit_clips, held, machine):
+    """The gamma threshold, fitted to the held-out clips' scores (or, with none, the training
+    clips' own): (scores, what they are, threshold). A collapsed model is refused, naming what
+    it learnt from; scores that barely spread give a warning."""
+    # The official baselines fit the gamma to the training clips' own scores; a model that has
+    # fitted those clips scores them lower than any new normal clip, so that threshold flags
+    # most normal test clips. Held-out normals give the scores a new normal clip gets.
+    if held:
+        scores, source = system.score(held), "held-out"
+    else:
+        scores, source = system.train_scores(), "training (in-sample)"
+        print(f"warning: the threshold is fitted to the training clips' own scores "
+              f"(--threshold-holdout {args.threshold_holdout}, {len(fit_clips)} clips); it "
+              f"will flag more normal clips than its quantile says")
+    warning = scoring.check_spread(scores, f"{args.system} on {machine}, {source} scores",
+                                   advice=what_was_too_few(fit_clips))
+    if warning:
+        print(warning)
+    threshold = scoring.gamma_threshold(scores, q=args.threshold_quantile)
+    if threshold <= 0 <= scores.min():
+        raise ValueError(f"{args.system} on {machine}: the gamma threshold {threshold:.4g} "
+                         f"is not positive for scores that are; the {source} "
+                         f"scores ({scores.min():.4g} to {scores.max():.4g}) are too close")
+    return scores, source, threshold
 
 
 ROUGH_BELOW = 20   # held-out clips: a gamma quantile fitted to fewer is a rough guess

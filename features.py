@@ -156,9 +156,9 @@ def check_clip(path, *, min_samples: int, training: bool, sr: int = SR,
     (e.g. "--frames 63"), named in the refusal of a short clip."""
     x = load_wav(path, sr=sr)
     if len(x) < min_samples:
-        shorten = f", or shorten the system's input: {shorter_input(len(x))}" if shorter_input else ""
+        shorten = shorter_input and f", or shorten the system's input: {shorter_input(len(x))}"
         raise AudioError(f"{path}: {len(x) / sr:.3f} s long, shorter than the {min_samples / sr:.3f} s "
-                         f"this system needs; remove it or record a longer clip{shorten}")
+                         f"this system needs; remove it or record a longer clip{shorten or ''}")
     if training and not np.any(x):
         raise AudioError(f"{path}: silent (every sample is 0); a training clip must hold the "
                          f"machine's normal sound: remove it from the training folder")

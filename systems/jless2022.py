@@ -202,12 +202,13 @@ class Jless2022:
         feats = features.clip_features([c.path for c in clips], name, self.settings[kind],
                                        cache_dir=self.cache_dir, device=self.device, log=self.log)
         width = self.settings["frames"][kind]
+        hop = self.settings["stft"]["hop"]
         for clip, f in zip(clips, feats):          # the recipe's input, chosen after the check
             if f.shape[-1] < width:
                 raise features.AudioError(
                     f"{clip.path}: {f.shape[-1]} frames, fewer than the {width} of one {kind} "
                     f"patch of this recipe; remove it, record a longer clip, or shorten the "
-                    f"input: {self.shorter_input((f.shape[-1] - 1) * self.settings['stft']['hop'], kind)}")
+                    f"input: {self.shorter_input((f.shape[-1] - 1) * hop, kind)}")
         windows = [features.frame_windows(f, width=width, hop=self.settings["patch_hop"])
                    for f in feats]
         owner = torch.cat([torch.full((len(w),), i) for i, w in enumerate(windows)])

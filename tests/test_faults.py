@@ -320,7 +320,7 @@ def test_collapse_names_what_was_too_few_and_a_near_collapse_warns(own, tmp_path
     monkeypatch.setattr(ae.AE, "score", lambda self, clips: 3.0 + 10 * step * np.arange(len(clips)))
     assert asd.main(argv) == 0
     out = capsys.readouterr().out
-    assert "warning: ae on my_valve, held-out scores span 1.43e-05, only 40 float32 steps" in out, out
+    assert "warning: ae on my_valve, held-out scores span 1.43e-05, only 40 float32 steps" in out
 
 
 def test_random_bytes_as_pretrained_weights_are_no_checkpoint(tmp_path):
