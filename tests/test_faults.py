@@ -421,3 +421,20 @@ def test_train_help_lists_a_systems_flags_without_importing_torch(system, capsys
     with pytest.raises(SystemExit):
         asd.main(["train", "--system", system, "--year", "2023", "--help"])
     assert done.stdout == capsys.readouterr().out + "loaded: []\n"
+
+
+def test_partial_folder_of_a_run_that_ended_before_a_checkpoint_is_replaced(own, tmp_path,
+                                                                           monkeypatch, capsys):
+    def stopped(*args):
+        raise KeyboardInterrupt                                   # killed before epoch 1
+    argv = ["train", "--normal-dir", own / "my_valve", "--out", tmp_path / "m",
+            "--cache-dir", own / "cache", *FAST]
+    monkeypatch.setattr(asd, "fit_and_save", stopped)
+    assert asd.main(argv) == 130
+    monkeypatch.undo()
+    partial = tmp_path / ".m.partial"
+    assert (partial / "args.json").exists() and not any(partial.glob("checkpoint*"))
+    assert asd.main(argv) == 0
+    assert (f"replacing {partial}, left by a run that has ended (pid {os.getpid()}, no "
+            f"checkpoint to resume)") in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
