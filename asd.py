@@ -19,6 +19,7 @@ torch (and with it features, models and the systems' own modules) is imported on
 commands that train or score, so `list`, `--help` and `evaluate` start at once.
 """
 import argparse
+import collections
 import contextlib
 import ctypes
 import hashlib
@@ -126,6 +127,19 @@ def data_folder(args):
                                                                    args.part)
 
 
+def check_machine(args):
+    """A machine type the year's table does not list: a typo in the standard layout (an error
+    listing the valid ones), but a user's own machine in a folder given with --data-dir,
+    taken with one line saying so."""
+    try:
+        data.get_year(args.year).sections(args.machine, args.part)
+    except data.DataError:
+        if not args.data_dir:
+            raise
+        print(f"note: {args.machine} is not one of the DCASE {args.year} {args.part} machine "
+              f"types; taken as your own, from {Path(args.data_dir) / args.machine}")
+
+
 def train_clips(args):
     """Training clips: --data-dir's train folder as it is, else the training data the system
     declares (its `training_data`), resolved by data.training_clips."""
@@ -183,7 +197,7 @@ def cmd_train(args):
         model_dir, about = Path(args.out), {"machine": clips[0].machine, "sections": sections}
         inputs = [args.normal_dir]
     elif args.machine:
-        data.get_year(args.year).sections(args.machine, args.part)  # unknown machine: error now
+        check_machine(args)
         model_dir, about = run_dir(args) / "models" / args.machine, {"machine": args.machine}
         clips = train_clips(args)
         inputs = sorted({c.path.parents[2] for c in clips})      # the folders holding <machine>/
@@ -191,23 +205,26 @@ def cmd_train(args):
         raise ValueError("train: give --machine (a DCASE set) or --normal-dir DIR (a folder of "
                          "your own machine's normal recordings)")
     data.check_apart(model_dir, inputs)
-    if (model_dir / "model.pt").exists() and not args.force:
-        raise ValueError(f"{model_dir / 'model.pt'} exists; pass --force to train again")
-    if model_dir.exists() and any(model_dir.iterdir()) and not data.owned(model_dir):
-        raise ValueError(f"{model_dir}: exists and was not written by asd (no {data.MARKER} "
-                         f"marker); move it away or choose another --out")
-    partial = model_dir.with_name(f".{model_dir.name}.partial")
-    _check_resume(partial, args)
-    if not partial.exists():
-        data.claim(partial, "python asd.py train")
-    data.write_json(partial / "args.json", {**run_args(args), **versions()})
-    try:
-        fit_and_save(args, clips, partial, about)
-    except Exception:
-        if not any(partial.glob("checkpoint*.pt")):     # nothing to resume: leave nothing
-            data.remove_owned(partial)
-        raise
-    kept = data.swap_in(partial, model_dir)
+    # one run at a time builds a model folder: a second one says which run holds it and stops
+    with data.lock(model_dir.with_name(f".{model_dir.name}.lock"), what=f"model {model_dir}",
+                   wait=False, log=args.log):
+        if (model_dir / "model.pt").exists() and not args.force:
+            raise ValueError(f"{model_dir / 'model.pt'} exists; pass --force to train again")
+        if model_dir.exists() and any(model_dir.iterdir()) and not data.owned(model_dir):
+            raise ValueError(f"{model_dir}: exists and was not written by asd (no "
+                             f"{data.MARKER} marker); move it away or choose another --out")
+        partial = model_dir.with_name(f".{model_dir.name}.partial")
+        _check_resume(partial, args)
+        if not partial.exists():
+            data.claim(partial, "python asd.py train")
+        data.write_json(partial / "args.json", {**run_args(args), **versions(), "pid": os.getpid()})
+        try:
+            fit_and_save(args, clips, partial, about)
+        except Exception:
+            if not any(partial.glob("checkpoint*.pt")):     # nothing to resume: leave nothing
+                data.remove_owned(partial)
+            raise
+        kept = data.swap_in(partial, model_dir)
     print(f"model -> {model_dir}" + (f"; {kept}" if kept else ""))
 
 
@@ -219,33 +236,24 @@ def fit_and_save(args, clips, model_dir, about):
     import features
     import train
     device = pick_device(args.device)
+    if len(clips) < 2:
+        raise data.DataError(f"{clips[0].path.parent}: 1 training clip of {about['machine']}; "
+                             f"a model and its threshold need two or more normal clips (a "
+                             f"useful one, hundreds): add normal recordings there")
     held_out = data.hold_out if args.normal_dir else data.split_held_out   # the same every run
     fit_clips, held = held_out(clips, args.threshold_holdout, seed=args.seed)
     print(f"train {args.system} on {len(fit_clips)} clips of {about['machine']} ({args.year} "
-          f"recipe) on {device}; {len(held)} clips held out for the threshold")
+          f"recipe: the DCASE {args.year} systems' features and settings; --year picks "
+          f"another) on {device}; {len(held)} clips held out for the threshold")
+    warn_rough_threshold(args, held)
     cls = systems.get_system(args.system)
     system = cls(**system_options(args, device), log=args.log)
     features.check_clips([c.path for c in clips], min_samples=system.min_samples, training=True,
-                         log=args.log)
+                         log=args.log, shorter_input=getattr(system, "shorter_input", None))
     t0 = time.time()
     fit_system(args, system, fit_clips, model_dir, about)
-    # The official baselines fit the gamma to the training clips' own scores; a model that has
-    # fitted those clips scores them lower than any new normal clip, so that threshold flags
-    # most normal test clips. Held-out normals give the scores a new normal clip gets.
-    if held:
-        scores, source = system.score(held), "held-out"
-    else:
-        scores, source = system.train_scores(), "training (in-sample)"
-        print(f"warning: the threshold is fitted to the training clips' own scores "
-              f"(--threshold-holdout {args.threshold_holdout}, {len(clips)} clips); it will "
-              f"flag more normal clips than its quantile says")
-    scoring.check_spread(scores, f"{args.system} on {about['machine']}, {source} scores")
-    threshold = scoring.gamma_threshold(scores, q=args.threshold_quantile)
-    if threshold <= 0 <= scores.min():
-        raise ValueError(f"{args.system} on {about['machine']}: the gamma threshold "
-                         f"{threshold:.4g} is not positive for scores that are; the {source} "
-                         f"scores ({scores.min():.4g} to {scores.max():.4g}) are too close")
-    options = system_options(args, "cpu")
+    scores, source, threshold = fit_threshold(args, system, fit_clips, held, about["machine"])
+    options = {**system_options(args, "cpu"), "cache_dir": None}   # this machine's, not the model's
     train.save({"system": args.system, "options": options, "state": system.state()},
                model_dir / "model.pt")
     data.write_json(model_dir / "threshold.json", {
@@ -259,7 +267,76 @@ def fit_and_save(args, clips, model_dir, about):
     for checkpoint in model_dir.glob("checkpoint*.pt"):
         checkpoint.unlink()
     print(f"trained in {time.time() - t0:.1f} s; gamma threshold {threshold:.4g} "
-          f"({args.threshold_quantile:g} quantile of {len(scores)} {source} scores)")
+          f"({args.threshold_quantile:g} quantile of {len(scores)} {source} scores); "
+          f"{peak_memory(device)}")
+
+
+def fit_threshold(args, system, fit_clips, held, machine):
+    """The gamma threshold, fitted to the held-out clips' scores (or, with none, the training
+    clips' own): (scores, what they are, threshold). A collapsed model is refused, naming what
+    it learnt from; scores that barely spread give a warning."""
+    # The official baselines fit the gamma to the training clips' own scores; a model that has
+    # fitted those clips scores them lower than any new normal clip, so that threshold flags
+    # most normal test clips. Held-out normals give the scores a new normal clip gets.
+    if held:
+        scores, source = system.score(held), "held-out"
+    else:
+        scores, source = system.train_scores(), "training (in-sample)"
+        print(f"warning: the threshold is fitted to the training clips' own scores "
+              f"(--threshold-holdout {args.threshold_holdout}, {len(fit_clips)} clips); it "
+              f"will flag more normal clips than its quantile says")
+    warning = scoring.check_spread(scores, f"{args.system} on {machine}, {source} scores",
+                                   advice=what_was_too_few(fit_clips))
+    if warning:
+        print(warning)
+    threshold = scoring.gamma_threshold(scores, q=args.threshold_quantile)
+    if threshold <= 0 <= scores.min():
+        raise ValueError(f"{args.system} on {machine}: the gamma threshold {threshold:.4g} "
+                         f"is not positive for scores that are; the {source} "
+                         f"scores ({scores.min():.4g} to {scores.max():.4g}) are too close")
+    return scores, source, threshold
+
+
+ROUGH_BELOW = 20   # held-out clips: a gamma quantile fitted to fewer is a rough guess
+
+
+def warn_rough_threshold(args, held):
+    """One line when the threshold will be fitted to fewer than ROUGH_BELOW held-out clips
+    (on the real samples, 6-8 clips gave a threshold flagging 26-64% of normal valve clips,
+    not 10%), saying how to get a better one."""
+    if held and len(held) < ROUGH_BELOW:
+        print(f"warning: the threshold will be fitted to {len(held)} held-out clips, so it is "
+              f"rough (it may flag far more or fewer normal clips than "
+              f"{1 - args.threshold_quantile:.0%}); for a better one train on more normal clips "
+              f"({ROUGH_BELOW} held out at --threshold-holdout {args.threshold_holdout:g} "
+              f"needs {ROUGH_BELOW / max(args.threshold_holdout, 1e-9):.0f}) or raise "
+              f"--threshold-holdout")
+
+
+def what_was_too_few(clips):
+    """What a collapsed model learnt from, for its refusal: the clips per section and per
+    attribute string, and the smallest of these classes (a class of one clip teaches nothing)."""
+    sections = collections.Counter(c.section for c in clips)
+    attributes = collections.Counter(c.attributes for c in clips if c.attributes)
+    listed = "; ".join(f"{what} " + ", ".join(f"{k}: {n}" for k, n in sorted(found.items()))
+                       for what, found in (("section", sections), ("attributes", attributes))
+                       if found)
+    smallest = min([*sections.values(), *attributes.values()])
+    few = (f", {smallest} in the smallest class: too few to tell apart" if smallest < 5 else "")
+    return (f"it learnt from {len(clips)} clips ({listed}){few}; give more normal clips, or "
+            f"train longer (--epochs)")
+
+
+def peak_memory(device):
+    """'peak memory N MB (...)': CUDA's allocator peak on a GPU, else the process's peak
+    resident size (the figure to compare with a machine's RAM)."""
+    import resource
+    if str(device).startswith("cuda"):
+        import torch
+        return f"peak memory {torch.cuda.max_memory_allocated() / 2 ** 20:.0f} MB (CUDA allocator)"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss      # KiB on Linux, bytes on macOS
+    mb = rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10
+    return f"peak memory {mb:.0f} MB (process resident size)"
 
 
 def fit_system(args, system, fit_clips, model_dir, about):
@@ -269,6 +346,11 @@ def fit_system(args, system, fit_clips, model_dir, about):
     if "supplemental_clips" in inspect.signature(system.fit).parameters:   # 2025's extra folder
         extra["supplemental_clips"] = ([] if args.normal_dir else
                                        shared_pool(args, "part", "supplemental"))
+        if getattr(args, "supplemental", False) and not extra["supplemental_clips"]:
+            raise data.DataError(f"{data_folder(args) / about['machine'] / 'supplemental'}: "
+                                 f"no supplemental normal clips there (nor for any machine type "
+                                 f"beside it); --supplemental trains on the 2025 supplemental/ "
+                                 f"folders: download them, or leave out --supplemental")
     about["trained_on"], about["shared"] = data.clip_groups(fit_clips), None
     if system.shared_pool and not args.normal_dir:
         pool, _ = data.split_held_out(shared_pool(args, system.shared_pool),
@@ -351,41 +433,83 @@ def merge_groups(groups):
 
 
 def _check_resume(partial, args):
-    """An interrupted run (its folder still there) resumes only with the same arguments; with
-    other ones, --force starts afresh and anything else is refused."""
-    if not (partial / "args.json").exists():
+    """A partial folder left by an earlier run (under the lock, its process has ended): resumed
+    when its arguments are these and a checkpoint is there, else replaced (with other
+    arguments only under --force), with a line saying which."""
+    if not partial.exists():
         return
-    old = json.loads((partial / "args.json").read_text())
+    if not data.owned(partial):
+        raise ValueError(f"{partial}: an unfinished model folder without asd's {data.MARKER} "
+                         f"marker (an older asd's); delete it and train again")
+    old = data.read_json(partial / "args.json", fix=f"delete {partial} and train again"
+                         ) if (partial / "args.json").exists() else {}
     keys = ("system", "epochs", "batch_size", "lr", "seed", "year", "part", "quick",
             "threshold_holdout", "channel", *systems.own_options(systems.get_system(args.system)))
-    changed = [k for k in keys if old.get(k) != getattr(args, k)]
+    changed = [k for k in keys if old and old.get(k) != getattr(args, k)]
     if changed and not args.force:
         raise ValueError(f"{partial}: an interrupted run with other {', '.join(changed)} is "
                          f"there; pass --force to start again")
-    if changed:
-        data.remove_owned(partial)
+    ended = f"pid {old['pid']}, " if "pid" in old else ""
+    if not changed and any(partial.glob("checkpoint*.pt")):
+        print(f"resuming the run that stopped in {partial} ({ended}same arguments)")
+        return
+    why = f"other {', '.join(changed)}" if changed else "no checkpoint to resume"
+    print(f"replacing {partial}, left by a run that has ended ({ended}{why})")
+    data.remove_owned(partial)
 
 
 # --------------------------------------------------------------------------------------------
 # test
 
 
+RETRAIN = "the model folder is damaged; train it again with --force"
+
+
 def load_model(model_dir, device, cache_dir):
+    """The system saved in model_dir/model.pt, and the threshold of threshold.json. A file
+    there that is truncated, not asd's, or lacks what asd wrote is one line naming it."""
     import torch
     path = Path(model_dir) / "model.pt"
     if not path.exists():
         raise ValueError(f"{path}: no trained model; run 'python asd.py train' first")
-    saved = torch.load(path, map_location=device, weights_only=False)
+    try:
+        saved = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:       # torch.load raises several types; the path and reason matter
+        raise data.DataError(f"{path}: not a model file asd wrote, or truncated "
+                             f"({short_reason(e)}); {RETRAIN}") from None
+    if not (isinstance(saved, dict) and {"system", "options", "state"} <= set(saved)):
+        raise data.DataError(f"{path}: not a model file asd wrote (no system, options and "
+                             f"state); {RETRAIN}")
     options = {**saved["options"], "device": device, "cache_dir": cache_dir}
     system = systems.get_system(saved["system"])(**options)
     system.load_state(saved["state"])
-    threshold = json.loads((Path(model_dir) / "threshold.json").read_text())["threshold"]
+    threshold = data.read_json(Path(model_dir) / "threshold.json", fix=RETRAIN,
+                               keys=("threshold",))["threshold"]
     return system, threshold
+
+
+def threshold_line(model_dir, threshold, scores):
+    """The decision threshold, what it was fitted to, and how many of these scores it flags:
+    a threshold fitted to a few clips, or under other conditions, may flag far more normal
+    clips than its quantile says, and the user should see that."""
+    fit = data.read_json(Path(model_dir) / "threshold.json", fix=RETRAIN, keys=("threshold",))
+    n_fit, flagged = len(fit.get("scores", [])), int(np.sum(np.asarray(scores) > threshold))
+    rough = f"; rough: fewer than {ROUGH_BELOW}" if n_fit < ROUGH_BELOW else ""
+    return (f"threshold {threshold:.4g}: the {fit.get('quantile', 0.9):g} quantile of a gamma "
+            f"fitted to the scores of {n_fit} {fit.get('fitted_to', 'held-out')} clips{rough}; "
+            f"it flags {flagged} of {len(scores)} clips here as anomalous "
+            f"({flagged / max(len(scores), 1):.0%})")
+
+
+def short_reason(error):
+    """The first line of an exception's message, for a one-line error (at most 100 characters)."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 def cmd_test(args):
     import features
-    data.get_year(args.year).sections(args.machine, args.part)
+    check_machine(args)
     clips = data.list_clips(data_folder(args), year=args.year, machine=args.machine,
                             split="test")
     domains = {c.domain for c in clips}
@@ -406,8 +530,10 @@ def cmd_test(args):
     system, threshold = load_model(run_dir(args) / "models" / args.machine, device,
                                    None if args.no_cache else args.cache_dir)
     features.check_clips([c.path for c in clips], min_samples=system.min_samples, training=False,
-                         log=args.log)
+                         log=args.log, shorter_input=getattr(system, "shorter_input", None))
+    print(f"scoring {len(clips)} test clips of {args.machine} with {args.system}", flush=True)
     scores = system.score(clips)            # every clip scored before anything is written
+    print(threshold_line(run_dir(args) / "models" / args.machine, threshold, scores))
     # every file of this run is written into a folder of its own first, then renamed into
     # results/: a full disk stops the run before any result appears, never half-way
     results.mkdir(parents=True, exist_ok=True)
@@ -439,9 +565,13 @@ def cmd_score(args):
     if not about_path.exists():
         raise ValueError(f"{about_path}: not found; --model must be a folder written by "
                          f"'python asd.py train' (model.pt, threshold.json, model.json)")
-    about = json.loads(about_path.read_text())
+    about = data.read_json(about_path, fix=RETRAIN, keys=("year", "machine"))
+    if args.csv and Path(args.csv).exists() and not args.force:
+        raise ValueError(f"{args.csv} exists; pass --force to overwrite it, or choose another "
+                         f"--csv")
     if args.plot and Path(args.plot).exists() and not args.force:
-        raise ValueError(f"{args.plot} exists; pass --force to overwrite")
+        raise ValueError(f"{args.plot} exists; pass --force to overwrite it, or choose another "
+                         f"--plot")
     import features
     system, threshold = load_model(args.model, pick_device(args.device), None)
     sections = about.get("sections", {})
@@ -452,7 +582,8 @@ def cmd_score(args):
                                section=sections.get(path.parent.name, "00"), split="test")
         try:
             data.check_name(path)
-            features.check_clip(path, min_samples=system.min_samples, training=False)
+            features.check_clip(path, min_samples=system.min_samples, training=False,
+                                shorter_input=getattr(system, "shorter_input", None))
             score = float(system.score([clip])[0])
             if not np.isfinite(score):
                 raise features.AudioError(f"{path}: the model gave a non-finite score ({score})")
@@ -465,29 +596,20 @@ def cmd_score(args):
         print(f"{path}\t{score:.6g}\t{decision}")
     if args.csv:
         scoring.write_table_csv(args.csv, ["file", "score", "decision"], rows)
-    fit = json.loads((Path(args.model) / "threshold.json").read_text())   # load_model read it
     # stdout stays the per-file table (file, score, decision) for pipes; the rest to stderr
-    print(score_summary(fit, threshold, len(paths), rows), file=sys.stderr)
+    print(f"scored {len(rows)} of {len(paths)} files ({len(paths) - len(rows)} skipped)",
+          file=sys.stderr)
+    print(threshold_line(args.model, threshold, [score for _, score, _ in rows]), file=sys.stderr)
     if args.plot and rows:
-        held = fit.get("scores", [])
+        fit = data.read_json(Path(args.model) / "threshold.json", fix=RETRAIN)   # load_model read it
         title = f"{len(rows)} files scored with {Path(args.model).name} ({about['system']})"
         data.write_text(args.plot, plots.score_svg(
-            [r[1] for r in rows], threshold, held, title=title,
+            [r[1] for r in rows], threshold, fit.get("scores", []), title=title,
             held_name=f"{fit.get('fitted_to', 'held-out')} normal"))
         print(f"histogram -> {args.plot}", file=sys.stderr)
     if failed:
         raise ValueError(f"{len(failed)} of {len(paths)} files could not be scored (each named "
                          f"above); they have no score")
-
-
-def score_summary(fit, threshold, n_files, rows):
-    """One line: how many files were scored and skipped, how many the threshold flags, and
-    how the threshold was fitted (fit: the model's threshold.json)."""
-    flagged = sum(decision == "anomalous" for _, _, decision in rows)
-    fitted = (f"{fit.get('quantile', 0.9):g} quantile of a gamma fitted to "
-              f"{len(fit.get('scores', []))} {fit.get('fitted_to', 'training')} scores")
-    return (f"scored {len(rows)} of {n_files} files ({n_files - len(rows)} skipped); "
-            f"{flagged} flagged anomalous, above the threshold {threshold:.4g} ({fitted})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -749,7 +871,8 @@ def main(argv=None):
     debug, log = "--debug" in argv, Log()
     try:
         system, year, quick = flags.phase_one(argv)
-        args = flags.build_parser(system, year, quick).parse_args(argv)
+        help_only = "-h" in argv or "--help" in argv    # no torch needed to list the flags
+        args = flags.build_parser(system, year, quick, help_only).parse_args(argv)
         args.log = log
         if system:
             args.system = system
@@ -763,7 +886,7 @@ def main(argv=None):
             reading = features.reading(channels=channels, channel=channel)
         with reading:
             COMMANDS[args.command](args)
-    except (ValueError, OSError) as e:        # data, audio, scoring errors: one line, no trace
+    except (ValueError, OSError, data.Busy) as e:   # bad data or audio, a busy model: one line
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)

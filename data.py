@@ -243,7 +243,8 @@ def list_clips(folder, *, year, machine, split):
         found = sorted(where.glob("*.wav"))
         if not found:
             raise DataError(f"{where}: no *.wav files; the folder is empty or incomplete")
-        clips += [parse_name(p, year=year, machine=machine, split=sub) for p in found]
+        clips += [parse_name(check_name(p), year=year, machine=machine, split=sub)
+                  for p in found]
     return clips
 
 
@@ -581,6 +582,91 @@ def write_text(path, text):
 def write_json(path, obj):
     """write_atomic for JSON, indented; what json cannot hold (paths) is written as str."""
     return write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def read_json(path, *, fix, keys=()):
+    """A JSON file asd wrote (a model's model.json, threshold.json, ...), as a dict holding
+    `keys`; unreadable, not JSON, or without one of them: a DataError naming the file, the
+    reason and `fix` (what to do, e.g. "train the model again with --force")."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found; {fix}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise DataError(f"{path}: not readable JSON ({reason}); {fix}") from None
+    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise DataError(f"{path}: has no '{missing[0]}'; {fix}")
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# One builder at a time: an exclusive lock on a file beside what is built
+
+class Busy(RuntimeError):
+    """Another live process holds the lock (its pid, start time and what it builds are named)."""
+
+
+def _open_locked(path, blocking):
+    """Open `path` (created if needed) and flock it; (fd, None) once held, or (None, holder)
+    when busy and not blocking. Retries when the file was removed by its previous holder
+    between our open and our lock (then the lock would be on a file no one else sees)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.read(fd, 4096)
+            os.close(fd)
+            return None, holder
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd, None
+        os.close(fd)
+
+
+def _holder(raw):
+    """'pid N, started T' from a lock file's JSON (or what can be said when it is not yet written)."""
+    try:
+        h = json.loads(raw)
+        return f"pid {h['pid']}, started {h['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "pid unknown, just started"
+
+
+@contextlib.contextmanager
+def lock(path: Path, *, what: str, wait: bool, log=print):
+    """Hold an exclusive lock on PATH (a file, e.g. <folder>.lock beside the folder built)
+    while WHAT (e.g. "model runs/.../models/fan") is built. fcntl.flock, so the kernel
+    frees it when the process dies (no stale lock). The holder writes
+    {"pid", "started" (ISO time), "what"} into the file. Busy and wait=False: raise
+    data.Busy (a RuntimeError) whose message is one line "another run (pid N, started T)
+    is building WHAT; wait for it or stop it". Busy and wait=True: log one line saying it
+    waits for pid N, then block. The file is removed on release."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, holder = _open_locked(path, blocking=False)
+    if fd is None:
+        if not wait:
+            raise Busy(f"another run ({_holder(holder)}) is building {what}; "
+                       f"wait for it or stop it")
+        log(f"waiting for another run ({_holder(holder)}) building {what} ({path})")
+        fd, _ = _open_locked(path, blocking=True)
+    try:
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "started": started, "what": what}).encode())
+        os.fsync(fd)
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()                 # before unlocking: a waiter then re-opens a new file
+        os.close(fd)                      # frees the lock
 
 
 # --------------------------------------------------------------------------------------------

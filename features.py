@@ -61,6 +61,7 @@ POWER = 2.0  # exponent on |STFT|: 2.0 is a power spectrogram
 N_FRAMES = 5  # consecutive frames stacked into one AE input vector (5 * 128 = 640 dims)
 EPS = sys.float_info.epsilon  # 2.2e-16, the baselines' log floor
 PROGRESS_S = 5.0  # s between progress lines of a long check or feature extraction
+PROGRESS_CLIPS = 32  # clips: a feature pass over this many says so when it starts
 # mel filters per block of log_mel's banded filterbank product. ms per 10-s clip of the product
 # and the log, batches of 4, one thread (timed outside bench.py, min of 20 runs): block 8: 0.188,
 # 16: 0.192, 32: 0.235, 64: 0.345. Block 16 does 13% of the dense product's multiplications.
@@ -173,7 +174,11 @@ def load_wav(path, *, sr: int = SR) -> np.ndarray:
         raise AudioError(f"{path}: no such file; check the path and the data folder given to asd")
     if not path.is_file():
         raise AudioError(f"{path}: not a regular file; pass the path of a wav file")
-    problem = _riff_problem(path)
+    try:
+        problem = _riff_problem(path)
+    except OSError as err:                 # permission denied, an I/O error of the disk
+        raise AudioError(f"{path}: cannot be read ({err.strerror or err}); check the file's "
+                         "permissions (chmod a+r) or copy it again") from None
     if problem:
         raise AudioError(f"{path}: truncated wav: {problem}; download or copy it again")
     try:
@@ -201,26 +206,32 @@ def load_batch(paths, *, sr: int = SR) -> list[np.ndarray]:
     return [load_wav(p, sr=sr) for p in paths]  # [(n_samples,)] * len(paths)
 
 
-def check_clip(path, *, min_samples: int, training: bool, sr: int = SR) -> None:
+def check_clip(path, *, min_samples: int, training: bool, sr: int = SR,
+               shorter_input=None) -> None:
     """load_wav's checks, and: at least min_samples long (the system's shortest input), and,
     for a training clip, not silent (all-zero: it would teach the model that silence, a
-    stopped machine or a dead microphone, is normal). Raises AudioError naming the file."""
+    stopped machine or a dead microphone, is normal). Raises AudioError naming the file.
+    shorter_input(n_samples): the system's flag and value that would take a clip this long
+    (e.g. "--frames 63"), named in the refusal of a short clip."""
     x = load_wav(path, sr=sr)
     if x.shape[-1] < min_samples:
+        shorten = shorter_input and f", or shorten the system's input: {shorter_input(x.shape[-1])}"
         raise AudioError(f"{path}: {x.shape[-1] / sr:.3f} s long, shorter than the {min_samples / sr:.3f} s "
-                         f"this system needs; remove it or record a longer clip")
+                         f"this system needs; remove it or record a longer clip{shorten or ''}")
     if training and not np.any(x):
         raise AudioError(f"{path}: silent (every sample is 0); a training clip must hold the "
                          f"machine's normal sound: remove it from the training folder")
 
 
-def check_clips(paths, *, min_samples: int, training: bool, log=None, sr: int = SR) -> None:
+def check_clips(paths, *, min_samples: int, training: bool, log=None, sr: int = SR,
+                shorter_input=None) -> None:
     """check_clip on every file, before any work (a few seconds per thousand clips): the first
     broken one stops the run with one line naming it; log(line) hears progress every
     PROGRESS_S seconds."""
     shown = time.monotonic()
     for i, path in enumerate(paths, 1):
-        check_clip(path, min_samples=min_samples, training=training, sr=sr)
+        check_clip(path, min_samples=min_samples, training=training, sr=sr,
+                   shorter_input=shorter_input)
         if log and time.monotonic() - shown > PROGRESS_S:
             log(f"checked {i} of {len(paths)} clips")
             shown = time.monotonic()
@@ -674,6 +685,10 @@ def clip_features(paths, kind, settings, *, sr=SR, cache_dir=None, device="cpu",
             out[i] = torch.from_numpy(np.load(hit))
         else:
             todo.append(i)
+    if log and len(todo) >= PROGRESS_CLIPS:     # a long first pass says at once what it does
+        log(f"{kind}: computing the features of {len(todo)} clips"
+            + (f" ({len(paths) - len(todo)} more cached)" if len(todo) < len(paths) else "")
+            + (f", cached in {cache_dir}" if cache_dir else ""))
     t0 = shown = time.monotonic()
     for start in range(0, len(todo), batch):
         if log and time.monotonic() - shown > PROGRESS_S:

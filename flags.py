@@ -4,6 +4,11 @@ and the two-phase parsing that gives `train` and `demo` the chosen system's own 
 only what it accepts. Imports no torch: `list` and `--help` start at once.
 """
 import argparse
+import contextlib
+import importlib.abc
+import importlib.machinery
+import sys
+import types
 
 import data
 import download
@@ -48,11 +53,12 @@ def count(text):
     return n
 
 
-def add_model_flags(p, system, year, quick):
+def add_model_flags(p, system, year, quick, help_only=False):
     """Training flags: the common ones, then the chosen system's own group. Defaults are the
     system's paper values for the year (--quick: its smoke-run values); a flag given on the
     command line always wins. Only one system's flags are in a parser, so two systems may
-    share a flag name (--mixup-alpha, --ensemble), each with its own default."""
+    share a flag name (--mixup-alpha, --ensemble), each with its own default. help_only: the
+    parser only prints help (see stand_ins)."""
     p.add_argument("--epochs", type=count, default=None, help="training epochs (the paper's)")
     p.add_argument("--batch-size", type=count, default=None, help="batch size (the paper's)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (the paper's)")
@@ -66,10 +72,81 @@ def add_model_flags(p, system, year, quick):
                    help="a smoke run: the system's tiny settings (few epochs, small network) "
                         "that exercise every step in seconds; not for results")
     if system is not None:
-        cls = systems.get_system(system)
-        cls.add_flags(p.add_argument_group(f"{system}: {systems.description(system)}"))
-        p.set_defaults(**{**cls.defaults(year), **(cls.quick if quick else {})})
+        with stand_ins(HEAVY if help_only else ()):
+            cls = systems.get_system(system)
+            cls.add_flags(p.add_argument_group(f"{system}: {systems.description(system)}"))
+            p.set_defaults(**{**cls.defaults(year), **(cls.quick if quick else {})})
     add_compute_flags(p)
+
+
+# --------------------------------------------------------------------------------------------
+# --help without torch: a system's flags are declared in its file, which imports torch (and,
+# through features, scipy) at the top; `train --help` took 3.7 s of CPU for that (20-28 s on
+# a loaded machine). For help alone, those packages are stood in for while the file is read:
+# declaring flags runs none of their code, and every module read that way is dropped after.
+
+HEAVY = ("torch", "scipy")
+
+
+class _StandIn(type):
+    """A class that is anything: any attribute, call, operator or subscript gives itself, so
+    a module defining nn.Module subclasses, decorators and constants loads without torch."""
+
+    def __getattr__(cls, name):
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return cls
+
+    def __call__(cls, *args, **kwargs):
+        return cls
+
+    def __getitem__(cls, key):
+        return cls
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = \
+        __rtruediv__ = __pow__ = __neg__ = __call__
+
+
+class _StandInFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves an empty module whose every attribute is a stand-in for the packages named."""
+
+    def __init__(self, packages):
+        self.packages = packages
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in self.packages:
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = types.ModuleType(spec.name)
+        module.__getattr__ = lambda attr: _StandIn(attr, (), {})
+        module.__path__ = []
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
+@contextlib.contextmanager
+def stand_ins(packages):
+    """Within this block, `packages` not yet imported are stood in for; on leaving it, every
+    module imported inside is removed again, so the next import of them is the real one."""
+    if not packages or all(p in sys.modules for p in packages):
+        yield
+        return
+    before, finder = set(sys.modules), _StandInFinder(packages)
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)
+        for name in set(sys.modules) - before:
+            parent, _, child = name.rpartition(".")
+            if parent in sys.modules and getattr(sys.modules[parent], child, None) is \
+                    sys.modules[name]:
+                delattr(sys.modules[parent], child)
+            del sys.modules[name]
 
 
 def add_host_flags(p):
@@ -80,8 +157,11 @@ def add_host_flags(p):
                         "count (1: steady on a shared machine)")
     p.add_argument("--release-memory", action="store_true",
                    help="hand freed memory back to the system at once (glibc's default): a "
-                        "lower peak (shinmura2020 at the paper's sizes: 4.9 GB, not 6.2-7.2), "
-                        "CPU steps of large networks up to 2x slower (asd.keep_freed_memory)")
+                        "lower peak (shinmura2020 at the paper's sizes, bench train's 24 clips: "
+                        "4.9 GB, not 6.2-7.2), CPU steps of large networks up to 2x slower "
+                        "(asd.keep_freed_memory). The peak grows with the clips: a full "
+                        "shinmura2020 run on real data peaked at 9.2-9.35 GB; train prints its "
+                        "peak at the end")
 
 
 def add_compute_flags(p):
@@ -93,7 +173,7 @@ def add_compute_flags(p):
     p.add_argument("--no-cache", action="store_true", help="do not cache features on disk")
 
 
-def build_parser(system=None, year=2020, quick=False):
+def build_parser(system=None, year=2020, quick=False, help_only=False):
     """The whole parser; train and demo hold the flags of `system` alone (see `phase_one`)."""
     parser = argparse.ArgumentParser(prog="asd.py", description=DESCRIPTION,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -102,7 +182,7 @@ def build_parser(system=None, year=2020, quick=False):
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("train", help="train one machine type's model, or your own machine's",
                        formatter_class=fmt)
-    add_run_flags(p), add_model_flags(p, system, year, quick), add_channel_flag(p)
+    add_run_flags(p), add_model_flags(p, system, year, quick, help_only), add_channel_flag(p)
     p.add_argument("--machine", default=None, help="machine type, e.g. valve")
     p.add_argument("--normal-dir", default=None,
                    help="instead of --machine: a folder of your own machine's normal recordings "
@@ -115,7 +195,7 @@ def build_parser(system=None, year=2020, quick=False):
     p.add_argument("--plot", default=None, metavar="SVG",
                    help="also draw the histogram of the scores against the threshold and the "
                         "held-out normal clips' scores it was fitted to, into this SVG file")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --plot file")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --csv or --plot file")
     add_host_flags(p), add_channel_flag(p)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: CUDA when available")
@@ -133,7 +213,7 @@ def build_parser(system=None, year=2020, quick=False):
                         "and plots/<machine>.svg: ROC curves per section and domain with the "
                         "pAUC region shaded, test score histograms with the threshold")
     add_download_parsers(sub, fmt)
-    add_data_parsers(sub, fmt, system, year, quick)
+    add_data_parsers(sub, fmt, system, year, quick, help_only)
     return parser
 
 
@@ -185,7 +265,7 @@ def add_download_parsers(sub, fmt):
                         ", 2023+) or both; default: both for 2026, else plain")
 
 
-def add_data_parsers(sub, fmt, system, year, quick):
+def add_data_parsers(sub, fmt, system, year, quick, help_only=False):
     p = sub.add_parser("synth", help="write a small synthetic data set", formatter_class=fmt)
     p.add_argument("--year", type=int, default=2020, help="file layout of this DCASE year")
     p.add_argument("--out", default=str(data.DEFAULT_DATA_ROOT), help="data root to write")
@@ -206,7 +286,7 @@ def add_data_parsers(sub, fmt, system, year, quick):
     p.add_argument("--force", action="store_true", help="overwrite an earlier demo's results")
     p.add_argument("--n-train", type=int, default=20, help="training clips per section")
     p.add_argument("--n-test", type=int, default=10, help="test clips per section/domain/label")
-    add_model_flags(p, system, year, quick), add_channel_flag(p)
+    add_model_flags(p, system, year, quick, help_only), add_channel_flag(p)
     p.set_defaults(epochs=30, batch_size=64)   # small data: more steps
     p = sub.add_parser("list", help="years, systems, or a year's machines and sections",
                        formatter_class=fmt)

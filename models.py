@@ -261,6 +261,17 @@ def channel_means(maps):
     return torch.cat([m.mean(dim=(-2, -1)) for m in maps], dim=1)
 
 
+def _load_reason(err):
+    """Why torch.load refused a file, in a few words. Its weights-only refusal advises loading
+    with weights_only=False, which runs whatever code the file holds: never advice to pass on
+    for a file of unknown origin, so only the unpickler's own reason is kept."""
+    text = str(err).strip()
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].strip()
+    line = text.splitlines()[0] if text else type(err).__name__
+    return type(err).__name__ if "weights_only" in line else line
+
+
 def load_panns_checkpoint(model, path):
     """Load a PANNs checkpoint file into `model` (a ResNet38): the file is a dict whose "model"
     entry is the state_dict, as PANNs saves it, or the state_dict itself. Every tensor of the
@@ -273,8 +284,9 @@ def load_panns_checkpoint(model, path):
         raise ValueError(f"{path}: no such file; give the PANNs checkpoint "
                          f"(ResNet38_mAP=0.434.pth) with --pretrained") from None
     except Exception as err:     # torch.load raises several types; the path and reason matter
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint of tensors ({reason})") from err
+        raise ValueError(f"{path}: not a PyTorch checkpoint of tensors ({_load_reason(err)}); "
+                         f"give the PANNs checkpoint (ResNet38_mAP=0.434.pth) with --pretrained"
+                         ) from None
     state = saved.get("model", saved) if isinstance(saved, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: not a PANNs checkpoint (expected a dict with a 'model' "

@@ -499,15 +499,27 @@ def gamma_threshold(scores, q=DECISION_QUANTILE):
     return float(loc + scale * special.gammaincinv(shape, q))
 
 
-def check_spread(scores, what):
-    """Refuse scores that are all equal within float32 rounding: a collapsed model (every clip
-    mapped to one point) ranks nothing, and a threshold fitted to its scores means nothing."""
+FEW_STEPS = 100   # float32 steps: scores spread over fewer than this many tie and rank coarsely
+
+
+def check_spread(scores, what, *, advice="train longer (--epochs) or on more clips"):
+    """Refuse scores that are all equal within float32 rounding (16 steps): a collapsed model
+    (every clip mapped to one point) ranks nothing, and a threshold fitted to its scores means
+    nothing. Scores spread over fewer than FEW_STEPS float32 steps give a warning line
+    (returned; None otherwise): their ranking is coarse and new clips may tie."""
     x = np.asarray(scores, dtype=float)
     scale = max(1.0, float(np.abs(x).max()))
-    if float(x.max() - x.min()) <= 16 * np.finfo(np.float32).eps * scale:
+    step = float(np.finfo(np.float32).eps) * scale          # float32's step at these scores
+    steps = float(x.max() - x.min()) / step
+    if steps <= 16:
         raise ScoringError(f"{what}: all {x.size} scores are equal within float rounding "
                            f"({x.min():.6g} to {x.max():.6g}): the model has collapsed and "
-                           f"ranks nothing; train longer (--epochs) or on more clips")
+                           f"ranks nothing; {advice}")
+    if steps < FEW_STEPS:
+        return (f"warning: {what} span {x.max() - x.min():.3g}, only {steps:.0f} float32 steps "
+                f"({step:.2g}): the model maps normal clips almost to one point, so new clips "
+                f"may tie and the threshold is coarse; {advice}")
+    return None
 
 
 # ---------------------------------------------------------------------------------------

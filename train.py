@@ -14,6 +14,7 @@ random stream and ends with the same weights as an uninterrupted one. `domain_mi
 is JLESS 2022's batch mixing: source and target examples in every batch.
 """
 import contextlib
+import io
 import time
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def epochs(module, opt, gen, n, checkpoint, log, *, what="epoch", scheduler=None
     learning-rate scheduler's state is saved and restored with them; the body steps it."""
     start = 0
     if Path(checkpoint).exists():
-        ck = torch.load(checkpoint, weights_only=False)
+        ck = load_checkpoint(checkpoint)
         module.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         gen.set_state(ck["gen"])
@@ -121,9 +122,28 @@ def duration(seconds):
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
+def load_checkpoint(path):
+    """The checkpoint `epochs` saved at path; truncated or damaged (a copy cut short, a disk
+    error): a DataError naming it and saying how to start over."""
+    try:
+        ck = torch.load(path, weights_only=False)
+    except Exception as e:       # torch.load raises several types; the path and reason matter
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+        raise data.DataError(f"{path}: a truncated or damaged checkpoint ({reason}); delete it "
+                             f"to start this training over from epoch 1") from None
+    if not (isinstance(ck, dict) and {"model", "opt", "gen", "epoch"} <= set(ck)):
+        raise data.DataError(f"{path}: not a checkpoint of asd's; delete it to start "
+                             f"this training over from epoch 1")
+    return ck
+
+
 def save(obj, path):
-    """torch.save through data.write_atomic: a crash never leaves half a checkpoint."""
-    data.write_atomic(path, lambda f: torch.save(obj, f))
+    """torch.save through data.write_atomic: a crash never leaves half a checkpoint. The bytes
+    are made in memory and written at once: torch turns a failed write (a full disk) into a
+    RuntimeError that has lost its OSError, and write_atomic names the file only for that."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data.write_atomic(path, lambda f: f.write(buffer.getbuffer()))
 
 
 @contextlib.contextmanager

@@ -130,6 +130,10 @@ class Cai2021:
         self.class_key, self.classes = "section", []
         self.net = None
 
+    def shorter_input(self, n_samples):
+        """The --frames that a clip of n_samples gives one patch of (a 2-s clip: 63)."""
+        return f"--frames {n_samples // self.mel['hop'] + 1}"
+
     # ----------------------------------------------------------------------------------------
     # Inputs: log-mel, median filter, scaling; classes
 

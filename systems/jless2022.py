@@ -46,10 +46,11 @@ RECIPES = {
     "valve":    dict(feature="logmel", model="mfn", loss="arcface", augment=("mixup",),         detector="lof"),
 }
 # machine types outside table 3 (2023+ sets, your own machine): fan's and ToyTrain's column,
-# the table's commonest model, loss, augmentation and detector; or, where the clips give one
-# class (one section, one attribute string), bearing's: the DPT, whose masked reconstruction
-# learns without a second class (MobileFaceNet's ID loss is 0 for one class and teaches it
-# nothing; each clip its own class, tried on the real RoboticArm sample, scored below chance)
+# the table's commonest model, loss, augmentation and detector. Where the clips give one class
+# (one section, one attribute string), any machine type gets bearing's: the DPT, whose masked
+# reconstruction learns without a second class (MobileFaceNet's ID loss is 0 for one class and
+# teaches it nothing; each clip its own class, tried on the real RoboticArm sample, scored
+# below chance)
 OTHER, OTHER_ONE_CLASS = "fan", "bearing"
 CHOICES = dict(feature=("stft", "logmel"), model=("mfn", "dpt"), loss=("arcface", "focal"),
                augment=("mixup", "fmix", "none"),
@@ -164,9 +165,10 @@ class Jless2022:
         self.recipe = None           # resolved in fit() from the machine type (table 3)
 
     def resolve(self, machine, n_classes=2):
-        """The recipe for a machine type: table 3's column (outside it OTHER, or
-        OTHER_ONE_CLASS for one class), where the flags say auto."""
-        table = RECIPES.get(machine, RECIPES[OTHER if n_classes >= 2 else OTHER_ONE_CLASS])
+        """The recipe for a machine type: table 3's column (outside it OTHER), or, where the
+        clips give one class, OTHER_ONE_CLASS's for any machine type; where the flags say auto."""
+        table = (RECIPES.get(machine, RECIPES[OTHER]) if n_classes >= 2
+                 else RECIPES[OTHER_ONE_CLASS])
         recipe = {k: table[k] if v in ("auto", ("auto",)) else v for k, v in self.asked.items()}
         recipe["augment"] = tuple(a for a in recipe["augment"] if a != "none")
         if recipe["detector"] == "log-softmax+mse" and recipe["model"] != "dpt":
@@ -180,9 +182,19 @@ class Jless2022:
 
     @property
     def min_samples(self):
-        """The shortest clip that gives one patch of the chosen (or either) input."""
+        """The shortest clip that gives one patch of the chosen input; before fit() has chosen
+        the recipe, of the input that needs less (fit() then checks the chosen one's)."""
         kinds = [self.recipe["feature"]] if self.recipe else list(self.settings["frames"])
-        return max((self.settings["frames"][k] - 1) * self.settings["stft"]["hop"] for k in kinds)
+        return min((self.settings["frames"][k] - 1) * self.settings["stft"]["hop"] for k in kinds)
+
+    def shorter_input(self, n_samples, kind=None):
+        """The patch-frames flag that a clip of n_samples gives one patch of: frames a
+        multiple of 16 (MobileFaceNet) or of the DPT's tile (e.g. 2 s: --mel-frames 48)."""
+        kind = kind or (self.recipe or {}).get("feature", "logmel")
+        model = (self.recipe or {}).get("model", "mfn")
+        step = 16 if model == "mfn" else self.dpt["tile"][1]
+        frames = (n_samples // self.settings["stft"]["hop"] + 1) // step * step
+        return f"--{'mel' if kind == 'logmel' else 'stft'}-frames {frames}"
 
     # ----------------------------------------------------------------------------------------
     # Input: patches of every clip (3.2)
@@ -193,8 +205,16 @@ class Jless2022:
         name = "log_mel" if kind == "logmel" else "log_spectrogram"
         feats = features.clip_features([c.path for c in clips], name, self.settings[kind],
                                        cache_dir=self.cache_dir, device=self.device, log=self.log)
-        windows = [features.frame_windows(f, width=self.settings["frames"][kind],
-                                          hop=self.settings["patch_hop"]) for f in feats]
+        width = self.settings["frames"][kind]
+        hop = self.settings["stft"]["hop"]
+        for clip, f in zip(clips, feats):          # the recipe's input, chosen after the check
+            if f.shape[-1] < width:
+                raise features.AudioError(
+                    f"{clip.path}: {f.shape[-1]} frames, fewer than the {width} of one {kind} "
+                    f"patch of this recipe; remove it, record a longer clip, or shorten the "
+                    f"input: {self.shorter_input((f.shape[-1] - 1) * hop, kind)}")
+        windows = [features.frame_windows(f, width=width, hop=self.settings["patch_hop"])
+                   for f in feats]
         owner = torch.cat([torch.full((len(w),), i) for i, w in enumerate(windows)])
         x = torch.cat(windows).to(self.device)                             # (P, F, T)
         return (x - self.mean) / self.std, owner
@@ -235,7 +255,9 @@ class Jless2022:
         self.classes = sorted(set(keys))
         self.recipe = self.resolve(clips[0].machine, len(self.classes))
         self.log(f"recipe for {clips[0].machine}: " + ", ".join(
-            f"{k} {'+'.join(v) if isinstance(v, tuple) else v}" for k, v in self.recipe.items()))
+            f"{k} {'+'.join(v) if isinstance(v, tuple) else v}" for k, v in self.recipe.items())
+            + (f" ({OTHER_ONE_CLASS}'s: the clips give one class)" if len(self.classes) < 2
+               else ""))
         self.mean, self.std = 0.0, 1.0
         x, owner = self.patches(clips)
         self.mean, self.std = float(x.mean()), float(x.std())

@@ -155,6 +155,7 @@ def test_table_3_is_the_recipe_and_flags_override_it():
                                              augment=("mixup",), detector="log-softmax+mse")
     assert system.resolve("RoboticArm") == jless2022.RECIPES[jless2022.OTHER]
     assert system.resolve("RoboticArm", n_classes=1)["model"] == "dpt"      # one class
+    assert system.resolve("fan", n_classes=1) == jless2022.RECIPES["bearing"]   # table 3's too
     with pytest.raises(ValueError, match="one class"):
         jless2022.Jless2022(year=2024, model="mfn", detector="lof").resolve("RoboticArm", 1)
     mine = jless2022.Jless2022(year=2022, detector="cosine", augment=("none",))

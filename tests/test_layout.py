@@ -100,7 +100,7 @@ def test_import_rules_of_the_design():
     assert imports_of(ROOT / "losses.py") <= {"math", "torch"}
     for name in ("augment", "detectors"):
         assert imports_of(ROOT / f"{name}.py") <= {"numpy", "torch"}, name
-    assert imports_of(ROOT / "train.py") <= {"contextlib", "time", "pathlib", "torch", "data"}
+    assert imports_of(ROOT / "train.py") <= {"contextlib", "io", "time", "pathlib", "torch", "data"}
     assert imports_of(ROOT / "plots.py") <= {"html", "numpy", "scoring"}   # draws, knows no model
     assert not (ROOT / "systems.py").exists()
 

@@ -93,8 +93,8 @@ def test_broken_file_is_reported_and_the_others_are_scored(own, tmp_path):
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode != 0
     errors = done.stderr.strip().splitlines()
-    assert len(errors) == 3 and str(broken) in errors[0] and "1 of 5 files" in errors[2]
-    assert errors[1].startswith("scored 4 of 5 files (1 skipped)")     # the summary
+    assert len(errors) == 4 and str(broken) in errors[0] and "1 of 5 files" in errors[3]
+    assert errors[1] == "scored 4 of 5 files (1 skipped)" and errors[2].startswith("threshold ")
     assert sorted(line.split("\t")[0] for line in done.stdout.splitlines()) == sorted(
         str(tmp_path / p.name) for p in good)
     assert len((tmp_path / "out.csv").read_text().splitlines()) == 1 + 4
