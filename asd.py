@@ -826,8 +826,8 @@ def cmd_bench(args):
 def _model_about(model_dir):
     """(model.json, the channel its training read) of a model folder; ({}, None) if absent."""
     about, saved = Path(model_dir) / "model.json", Path(model_dir) / "args.json"
-    return (json.loads(about.read_text()) if about.exists() else {},
-            json.loads(saved.read_text()).get("channel") if saved.exists() else None)
+    return (data.read_json(about, fix=RETRAIN) if about.exists() else {},
+            data.read_json(saved, fix=RETRAIN).get("channel") if saved.exists() else None)
 
 
 def read_channels(args):

@@ -190,7 +190,8 @@ def test_unreadable_file_is_reported_and_the_others_are_scored(own, tmp_path, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0] == (f"error: {locked}: cannot be read (Permission denied); check the file's "
                       f"permissions (chmod a+r) or copy it again"), err
-    assert "1 of 8 files could not be scored" in err[1] and len(err) == 2
+    assert err[1] == "scored 7 of 8 files (1 skipped)" and err[2].startswith("threshold ")
+    assert "1 of 8 files could not be scored" in err[3] and len(err) == 4
     scored = [line.split(",")[0] for line in csv.read_text().splitlines()[1:]]
     assert scored == [str(p) for p in files if p != locked]          # the clips after it too
 

@@ -174,6 +174,7 @@ def test_score_reports_short_and_badly_named_files_and_scores_the_rest(own, tmp_
     lines = err.strip().splitlines()
     assert "b_short.wav: 0.050 s long, shorter than the 0.128 s" in lines[0]
     assert "c_\\xff\\xfe.wav: the file name is not valid UTF-8" in lines[1]
-    assert "2 of 4 files could not be scored" in lines[2] and len(lines) == 3
+    assert lines[2] == "scored 2 of 4 files (2 skipped)" and lines[3].startswith("threshold ")
+    assert "2 of 4 files could not be scored" in lines[4] and len(lines) == 5
     scored = [row.split(",")[0] for row in (tmp_path / "s.csv").read_text().splitlines()[1:]]
     assert [Path(p).name for p in scored] == ["a_good.wav", "d_good.wav"]
