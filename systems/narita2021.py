@@ -168,7 +168,8 @@ class Narita2021:
 
     def __init__(self, *, year, epochs=None, batch_size=None, lr=None, seed=0, device="cpu",
                  cache_dir=None, log=print, pretrained=None, anomaly_score="ensemble",
-                 ensemble_weight="balanced", feature_scaling="auto", center_weight=150.0, center_alpha=1.0, hidden=1024,
+                 ensemble_weight="balanced", feature_scaling="auto", center_weight=150.0,
+                 center_alpha=1.0, hidden=1024,
                  bottleneck=512, latent=512, width=1.0, extractor_epochs=20):
         paper = self.defaults(year)
         self.epochs = paper["epochs"] if epochs is None else epochs

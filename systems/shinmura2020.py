@@ -24,8 +24,8 @@ ensemble of models.
 Where the paper is silent, the author's notebook and weights
 (shinmura0/DCASE2020_Task2_Solution-Anomaly_detection-) are followed: MobileNetV2 width 0.5
 (his pre-trained weights; --width 1.0 is torchvision's) with Keras' BatchNorm epsilon (BN_EPS),
-noise 9-20 dB below the clip, a slight line 5-19 x 2-4 pixels (augment.py). Where his code differs from the paper, the paper is the
-default and his code a flag: Adam (4.1; --amsgrad: his Adam(amsgrad=True)); Average Hz flattens
+noise 9-20 dB below the clip, a slight line 5-19 x 2-4 pixels (augment.py). Where his code
+differs from the paper, the paper is the default and his code a flag: Adam (4.1; --amsgrad: his Adam(amsgrad=True)); Average Hz flattens
 a band a quarter of the image high, as Fig. 3 shows it (--average-rows 2 3: his notebook's 2-3
 rows of 224; the paper's tables come from the system that drew Fig. 3).
 Our choices: mixup alpha 0.2, 10 pre-training epochs at lr 1e-3 in batches of 64, ensemble
@@ -98,9 +98,10 @@ class Shinmura2020:
     training_data = dict(additional=False, paper="the development set's training clips of "
                                                  "each machine ID (one model per ID)")
     shared_name = "pretraining"
+    # the self-supervised stage's own options, which the shared pre-training ignores
     shared_ignores = ("epochs", "batch_size", "lr", "arcface_scale", "arcface_margin",
                       "generators", "hard_samples", "hard_factor", "ensemble", "recompute_bn",
-                      "per_section", "average_rows", "amsgrad")              # the self-supervised stage's own options
+                      "per_section", "average_rows", "amsgrad")
     quick = dict(epochs=2, batch_size=16, width=0.25, image_size=64, ensemble=1,
                  pretrain_epochs=1)             # a smoke run: every step, no detection quality
     meta = dict(                                # the submission template's system description
