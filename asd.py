@@ -630,11 +630,18 @@ def cmd_evaluate(args, synthetic=False):
         truth = data.truth_from_names(year=args.year)
     labelled = scoring.labelled_rows(run_dir(args) / "results", year=args.year, truth=truth)
     result = scoring.official_score(args.year, labelled)
-    header, rows = scoring.comparison_rows(result, with_baseline=args.part == "dev")
-    markdown = scoring.format_markdown(header, rows) + scoring.published_note(args.year, args.part)
+    paper = systems.paper_figures(args.system)         # the paper's dev-set figures, its year
+    paper = paper if paper and paper["year"] == args.year and args.part == "dev" else None
+    header, rows = scoring.comparison_rows(result, with_baseline=args.part == "dev", paper=paper)
+    notes, extractors = run_notes(args, paper)
+    markdown = ("\n\n".join([scoring.format_markdown(header, rows), *notes])
+                + scoring.published_note(args.year, args.part))
     undefined = scoring.undefined_line(result)
     text = scoring.format_table(result) + (f"\n{undefined}" if undefined else "")
-    data.write_json(out, {**result, "args": {**run_args(args), **versions()}})
+    data.write_json(out, {**result, **({"paper": scoring.paper_entry(result, paper)} if paper
+                                       else {}),
+                          **({"extractors": extractors} if extractors else {}), "notes": notes,
+                          "args": {**run_args(args), **versions()}})
     data.write_text(run_dir(args) / "results.txt", text + "\n")
     scoring.write_table_csv(run_dir(args) / "results.csv", header, rows)
     data.write_text(run_dir(args) / "results.md", markdown + "\n")
@@ -642,15 +649,17 @@ def cmd_evaluate(args, synthetic=False):
     pictures = getattr(args, "plots", True)   # demo's arguments carry no --plots
     if pictures:
         written += [str(p.relative_to(run_dir(args))) for p in
-                    write_pictures(args, result, labelled, (header, rows), [undefined])]
+                    write_pictures(args, result, labelled, (header, rows),
+                                   [n for n in (undefined, *notes) if n])]
     print(text)
     if synthetic:
         print("\nThese figures are on synthetic sound. results.md sets them beside the official "
               "AE baseline's published figures, which are on the real DCASE recordings: the two "
               "are not comparable, the baseline column is there to show the table's form.")
     else:
-        print(f"\nbeside the official baseline's published {args.part} figures "
-              f"(empty: not published):\n{markdown}")
+        print(f"\nbeside the official baseline's published {args.part} figures"
+              f"{' and the paper' + chr(39) + 's' if paper else ''} (empty: not published):"
+              f"\n{markdown}")
     print(f"\nresults -> {out}; beside it: {', '.join(written)}"
           + (" (results.html: the table and the pictures, for a browser)" if pictures else ""))
     return result
@@ -688,6 +697,34 @@ def model_threshold(model_dir):
         return None
 
 
+def run_notes(args, paper):
+    """Lines for under the results table: which feature extractor each machine type's model
+    used, where its model names one (model.json), and where the run's setting differs from
+    the paper's (PAPER_DEV's "setting"; an option left at its default is the paper's).
+    Returns (lines, {machine: extractor})."""
+    lines, extractors = {}, {}
+    for path in sorted((run_dir(args) / "models").glob("*/model.json")):
+        about = json.loads(path.read_text())
+        machine, options = about.get("machine", path.parent.name), about.get("options", {})
+        extractor = about.get("features", {}).get("extractor")
+        if extractor:
+            extractors[machine] = extractor
+            told = f" (the paper: {paper['extractor']})" if paper and "extractor" in paper else ""
+            lines.setdefault(f"features from {extractor}{told}", []).append(machine)
+        differ = [f"{k} {options[k]} (paper: {v})" for k, v in (paper or {}).get("setting", {}).items()
+                  if options.get(k) is not None and options[k] != v]
+        if differ:
+            lines.setdefault("this run differs from the paper's setting: " + ", ".join(differ),
+                             []).append(machine)
+    notes = [f"{', '.join(machines)}: {line}" for line, machines in lines.items()]
+    if paper:
+        notes.append(f"paper: {paper['source']}, on the DCASE {args.year} development set")
+    if args.data_dir and args.part == "dev":
+        notes.append(f"these clips come from {args.data_dir}, not the DCASE {args.year} "
+                     f"development set, whose figures the baseline and paper columns are")
+    return notes, extractors
+
+
 # --------------------------------------------------------------------------------------------
 # download, package
 
@@ -719,20 +756,25 @@ def cmd_package(args):
         raise ValueError(f"--label {args.label}: not <Lastname>_<Institute>_task2_<1-4>")
     run = Path(args.out) / f"dcase{args.year}" / args.system
     _, machines = submission.result_files(run / "eval" / "results", args.year)
-    sizes, threshold = [], None
+    sizes, threshold, extractors = [], None, {}
     for machine in machines:
         system, _ = load_model(run / "eval" / "models" / machine, "cpu", None)
         sizes.append(system.n_parameters())
         about = json.loads((run / "eval" / "models" / machine / "model.json").read_text())
         threshold = (f"{about['threshold_quantile']:g} quantile of a gamma (location fixed) "
                      f"fitted to {about.get('threshold_fitted_to', 'training')} scores")
+        if about.get("features", {}).get("extractor"):     # narita2021: two different methods
+            extractors.setdefault(about["features"]["extractor"], []).append(machine)
     dev = run / "dev" / "results.json"
     cls = systems.get_system(args.system)
     _, channel = _model_about(run / "eval" / "models" / machines[0])
+    about = dict(cls.meta)
+    if extractors:
+        about["feature_extractor"] = "; ".join(f"{e} ({', '.join(m)})" for e, m in extractors.items())
     meta = submission.meta_yaml(
         label=args.label, name=args.name or systems.description(args.system),
         abbreviation=args.abbreviation or args.system[:10], authors=args.authors,
-        about=cls.meta, threshold=threshold, n_parameters=max(sizes),
+        about=about, threshold=threshold, n_parameters=max(sizes),
         machines=machines, missing=[m for m in data.get_year(args.year).eval if m not in machines],
         dev_results=json.loads(dev.read_text()) if dev.exists() else None,
         source_code=args.source_code, channel=channel)

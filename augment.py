@@ -17,16 +17,39 @@ import torch
 # --------------------------------------------------------------------------------------------
 # Generated anomalies (Shinmura 2020, section 3.1, figure 3). Each takes dB spectrogram images
 # (B, F, T), low frequencies first, and a torch.Generator, and returns new images of the same
-# shape. Noise is added in the power domain, at a level drawn relative to each image's mean
-# power, so that it is heard over the machine rather than replacing it. Levels are our choice:
-# the paper shows the generated spectrograms but gives no numbers.
+# shape. The paper shows the generated spectrograms (Fig. 3) but gives no numbers; where the
+# figure shows one, its value is used, elsewhere the author's notebook's
+# (shinmura0/DCASE2020_Task2_Solution-Anomaly_detection-, Colaboratory.ipynb).
+#
+# Noise: the notebook adds 0.002 N(0, 1) (white) or 0.002 x Voss-McCartney (pink) to the
+# waveform, 9-20 dB below the power of real DCASE clips. Here the level is drawn in that range
+# relative to each clip, and the noise's power is added to the image's: by Parseval, waveform
+# noise of power P adds P sum(w^2) to every STFT bin on average, and a clip of power P_x has a
+# mean bin power of P_x sum(w^2), so a level relative to the image's mean power is the level
+# relative to the clip's waveform (tests/test_shinmura.py adds noise to a waveform to check).
+# Sizes in pixels (the line's, the average band's) are the author's on his 224 x 224 image,
+# scaled to the image's height and width.
 
-NOISE_DB = (-10.0, 5.0)   # added noise power relative to the image's mean power, dB range
-LINE_DB = (5.0, 20.0)     # the slight line's level above the image's mean power, dB range
+NOISE_DB = (-20.0, -9.0)  # added noise power relative to the clip's power, dB range (notebook)
+IMAGE_SIDE = 224          # pixels: the paper's image, in which the sizes below are given
+LINE_LENGTH = (5, 19)     # pixels along the slight line (notebook: randint(5, 20))
+LINE_THICKNESS = (2, 4)   # pixels across it (notebook: random.randint(2, 4))
+AVERAGE_ROWS = (56, 56)   # rows averaged in time: a quarter of the height, as in Fig. 3; the
+#                           notebook averages 2-3 rows (randint(2, 4)), shinmura2020's flag
 
 
 def _uniform(gen, shape, low, high, like):
     return low + (high - low) * torch.rand(shape, generator=gen, device=like.device).to(like.dtype)
+
+
+def _integers(gen, low, high, n, device):
+    """n integers drawn uniformly from low..high (both included), (n,)."""
+    return torch.randint(int(low), int(high) + 1, (n,), generator=gen, device=device)
+
+
+def _scaled(pixels, side):
+    """A size in pixels of the paper's 224-pixel image, on an image side of `side` pixels."""
+    return max(1, round(pixels * side / IMAGE_SIDE))
 
 
 def _add_power(spec_db, noise_power):
@@ -36,55 +59,74 @@ def _add_power(spec_db, noise_power):
     return 10.0 * torch.log10(power + mean * noise_power)
 
 
-def _noise_level(gen, spec_db):
-    return 10.0 ** (_uniform(gen, (len(spec_db), 1, 1), *NOISE_DB, spec_db) / 10.0)
+def _noise_level(gen, spec_db, level_db):
+    return 10.0 ** (_uniform(gen, (len(spec_db), 1, 1), *level_db, spec_db) / 10.0)
 
 
-def white_noise(spec_db, gen) -> torch.Tensor:
-    """Noise of equal expected power in every frequency bin: disturbs the whole spectrum."""
+def white_noise(spec_db, gen, *, level_db=NOISE_DB) -> torch.Tensor:
+    """Noise of equal expected power in every frequency bin, level_db (low, high) below the
+    clip's power (drawn per image): disturbs the whole spectrum. A Gaussian noise's power in
+    one STFT bin is exponentially distributed: so is the power added to each pixel."""
     fluct = torch.empty_like(spec_db).exponential_(generator=gen)      # noise power, (B, F, T)
-    return _add_power(spec_db, _noise_level(gen, spec_db) * fluct)
+    return _add_power(spec_db, _noise_level(gen, spec_db, level_db) * fluct)
 
 
-def pink_noise(spec_db, gen) -> torch.Tensor:
-    """Noise whose power falls as 1/f across the rows: disturbs the low frequencies, where many
-    machines have their characteristic sound."""
+def pink_noise(spec_db, gen, *, level_db=NOISE_DB) -> torch.Tensor:
+    """Noise whose power falls as 1/f across the rows, in all level_db below the clip's power:
+    disturbs the low frequencies, where many machines have their characteristic sound."""
     n_freq = spec_db.shape[-2]
     tilt = 1.0 / torch.arange(1, n_freq + 1, dtype=spec_db.dtype, device=spec_db.device)
     tilt = (tilt * n_freq / tilt.sum())[:, None]        # (F, 1), mean 1 over the rows
     fluct = torch.empty_like(spec_db).exponential_(generator=gen)
-    return _add_power(spec_db, _noise_level(gen, spec_db) * tilt * fluct)
+    return _add_power(spec_db, _noise_level(gen, spec_db, level_db) * tilt * fluct)
 
 
 def slight_line(spec_db, gen) -> torch.Tensor:
-    """A thin line at one high frequency (upper half of the rows), switched on and off
-    periodically: the squeal of a dry bearing."""
+    """A short segment at the image's maximum (the squeal of a dry bearing, a click): as the
+    notebook's cv2.line, 5-19 pixels long and 2-4 thick, along time (a short tone) or along
+    frequency (a click) with equal chance, anywhere in the image. Fig. 3 shows one such
+    segment along time."""
     b, n_freq, n_time = spec_db.shape
     device = spec_db.device
-    rows = torch.randint(n_freq // 2, n_freq - 1, (b,), generator=gen, device=device)
-    periods = torch.randint(4, max(5, n_time // 4), (b,), generator=gen, device=device)[:, None]
-    level = _uniform(gen, (b,), *LINE_DB, spec_db)
-    mean_db = 10.0 * torch.log10((10.0 ** (spec_db / 10.0)).mean(dim=(-2, -1)))  # (B,)
-    on = torch.arange(n_time, device=device) % periods < (periods + 1) // 2      # (B, T)
-    batch = torch.arange(b, device=device)
-    row = spec_db[batch, rows]                                                  # (B, T)
-    out = spec_db.clone()
-    out[batch, rows] = torch.where(on, torch.maximum(row, (mean_db + level)[:, None]), row)
-    return out
+    length = _integers(gen, *LINE_LENGTH, b, device)
+    thick = _integers(gen, *LINE_THICKNESS, b, device)
+    along_time = torch.rand(b, generator=gen, device=device) < 0.5
+    rows = torch.where(along_time, thick, length).float() * n_freq / IMAGE_SIDE     # (B,)
+    cols = torch.where(along_time, length, thick).float() * n_time / IMAGE_SIDE
+    rows, cols = rows.round().clamp(1, n_freq).long(), cols.round().clamp(1, n_time).long()
+    top = (torch.rand(b, generator=gen, device=device) * (n_freq - rows + 1)).long()
+    left = (torch.rand(b, generator=gen, device=device) * (n_time - cols + 1)).long()
+    f = torch.arange(n_freq, device=device)[None, :, None]
+    t = torch.arange(n_time, device=device)[None, None, :]
+    inside = ((f >= top[:, None, None]) & (f < (top + rows)[:, None, None]) &
+              (t >= left[:, None, None]) & (t < (left + cols)[:, None, None]))     # (B, F, T)
+    peak = spec_db.amax(dim=(-2, -1), keepdim=True)                              # (B, 1, 1)
+    return torch.where(inside, peak, spec_db)
 
 
-def average_hz(spec_db, gen=None) -> torch.Tensor:
-    """Each frequency row replaced by its mean over time: the spectrum stays, the machine's
-    rhythm in time is gone."""
-    return spec_db.mean(dim=-1, keepdim=True).expand_as(spec_db).clone()
+def average_hz(spec_db, gen, *, rows=AVERAGE_ROWS) -> torch.Tensor:
+    """A band of adjacent frequency rows, each replaced by its mean over time: the band's
+    spectrum stays, its rhythm in time is gone; the other rows are left as they are. The band
+    is rows (low, high) rows of a 224-row image high (drawn per image, scaled to the height),
+    at a uniform place."""
+    b, n_freq, n_time = spec_db.shape
+    device = spec_db.device
+    high = min(_scaled(rows[1], n_freq), n_freq)
+    height = _integers(gen, min(_scaled(rows[0], n_freq), high), high, b, device)      # (B,)
+    top = (torch.rand(b, generator=gen, device=device) * (n_freq - height + 1)).long()
+    f = torch.arange(n_freq, device=device)[None, :]
+    band = ((f >= top[:, None]) & (f < (top + height)[:, None]))[..., None]         # (B, F, 1)
+    return torch.where(band, spec_db.mean(dim=-1, keepdim=True), spec_db)
 
 
 GENERATORS = {"white": white_noise, "pink": pink_noise, "line": slight_line,
               "average": average_hz}
 
 
-def generate_anomalies(spec_db, gen, *, kinds=tuple(GENERATORS)) -> torch.Tensor:
-    """Apply one generator, drawn per image from `kinds`, to each image of (B, F, T)."""
+def generate_anomalies(spec_db, gen, *, kinds=tuple(GENERATORS),
+                       average_rows=AVERAGE_ROWS) -> torch.Tensor:
+    """Apply one generator, drawn per image from `kinds`, to each image of (B, F, T);
+    average_rows: average_hz's band, in rows of a 224-row image."""
     unknown = [k for k in kinds if k not in GENERATORS]
     if unknown or not kinds:
         raise ValueError(f"unknown generators {unknown}; valid: {', '.join(GENERATORS)}")
@@ -93,7 +135,8 @@ def generate_anomalies(spec_db, gen, *, kinds=tuple(GENERATORS)) -> torch.Tensor
     for k, name in enumerate(kinds):
         idx = (pick == k).nonzero().flatten()
         if len(idx):
-            out[idx] = GENERATORS[name](spec_db[idx], gen)
+            options = dict(rows=average_rows) if name == "average" else {}
+            out[idx] = GENERATORS[name](spec_db[idx], gen, **options)
     return out
 
 

@@ -91,9 +91,11 @@ POOLS = ("avg", "avg+max")
 class MobileNetV2(nn.Module):
     """(B, 1, H, W) images -> (B, embedding_dim) pooled features. pool="avg": global average
     pooling (the paper's); "avg+max": global average plus global max pooling, summed (GAMP, Cai
-    et al. 2021, section 3.2; the sum as in the authors' code, x.mean(-1) + x.max(-1))."""
+    et al. 2021, section 3.2; the sum as in the authors' code, x.mean(-1) + x.max(-1)).
+    bn_eps: BatchNorm's epsilon, 1e-5 as torchvision; 1e-3 as Keras' and TensorFlow's
+    MobileNetV2 (Shinmura's)."""
 
-    def __init__(self, width=1.0, in_channels=1, pool="avg"):
+    def __init__(self, width=1.0, in_channels=1, pool="avg", bn_eps=1e-5):
         super().__init__()
         if pool not in POOLS:
             raise ValueError(f"unknown pooling '{pool}'; valid: {', '.join(POOLS)}")
@@ -113,6 +115,7 @@ class MobileNetV2(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
+                m.eps = bn_eps
 
     def forward(self, x):
         maps = self.features(x)                       # (B, embedding_dim, H / 32, W / 32)

@@ -707,10 +707,11 @@ def _baseline_of(year, row):
     return None if figures is None else dict(zip(_official_keys(year), figures))
 
 
-def comparison_rows(result, *, with_baseline=True):
+def comparison_rows(result, *, with_baseline=True, paper=None):
     """The results table: one row per section (2021: and domain), one per machine type (its
     mean and score), the official score last; each with the baseline's figure beside ours
-    where published (with_baseline=False: the eval set, no published figure). Returns
+    where published (with_baseline=False: the eval set, no published figure), and, given a
+    system's PAPER_DEV (paper), its paper's figures in columns after the baseline's. Returns
     (header, rows); a cell without a figure is None."""
     year, keys = result["year"], _official_keys(result["year"])
     header = (["machine", "section", "domain"] + keys + ["score"]
@@ -732,6 +733,12 @@ def comparison_rows(result, *, with_baseline=True):
         b_score = _arithmetic_mean(figures) if year == 2020 else _harmonic_mean(figures)
     rows.append(["official score", "", ""] + [None] * len(keys) + [result["official_score"]]
                 + [None] * len(keys) + [b_score])
+    if paper:
+        entry = paper_entry(result, paper)
+        header += [f"paper_{k}" for k in keys + ["score"]]
+        for row, figures in zip(rows, entry["sections"] + list(entry["machines"].values())
+                                + [{"score": entry["official_score"]}]):
+            row += [(figures or {}).get(k) for k in keys + ["score"]]
     return header, rows
 
 
@@ -742,3 +749,54 @@ def format_markdown(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# The paper's own development-set figures beside ours. Each system file carries them as a
+# plain constant, PAPER_DEV (read by systems.paper_figures): {"year", "source" (the table),
+# "sections": {(machine, section[, domain in 2021]): {figure: value}}, "machines": {machine:
+# {figure: value}} (where the paper gives only per machine type figures), "official_score"}.
+# Figures are fractions, keyed as ours (auc, pauc; auc_source, auc_target, pauc; score).
+
+def _paper_section(paper, row):
+    key = (row["machine"], row["section"]) + ((row["domain"],) if paper["year"] == 2021 else ())
+    return paper.get("sections", {}).get(key)
+
+
+def _paper_machine(year, machine, figures):
+    """The paper's figures of one machine type: as the paper gives them, else the year's means
+    over the paper's figures of our sections, each metric where the paper gives it for all."""
+    given = dict(figures["machines"].get(machine, {}))
+    rows = figures["sections"]
+    if given or not rows or not all(rows):
+        return given or None
+    mean = _arithmetic_mean if year == 2020 else _harmonic_mean
+    out = {k: mean([r[k] for r in rows]) for k in rows[0] if all(k in r for r in rows)}
+    if year >= 2022 and {"auc_source", "auc_target"} <= set(out):
+        out["auc"] = mean([r[k] for r in rows for k in ("auc_source", "auc_target")])
+    if all(k in out for k in _official_keys(year)):
+        out["score"] = mean([x for r in rows for x in _official_figures(year, r)])
+    return out
+
+
+def paper_entry(result, paper):
+    """results.json's "paper": the paper's figures for each of our sections (None where it
+    gives none), machine types and official score, over the same sections as ours (the
+    paper's own official score where our run covers all its machine types and sections)."""
+    year, sections = result["year"], result["sections"]
+    if paper.get("year") != year:
+        raise ValueError(f"PAPER_DEV is of {paper.get('year')}, the results of {year}")
+    ours = [_paper_section(paper, r) for r in sections]
+    machines = {}
+    for machine in result["machines"]:
+        rows = [p for r, p in zip(sections, ours) if r["machine"] == machine]
+        machines[machine] = _paper_machine(year, machine, {"machines": paper.get("machines", {}),
+                                                           "sections": rows})
+    official = None
+    if ours and all(p and all(k in p for k in _official_keys(year)) for p in ours):
+        figures = [x for p in ours for x in _official_figures(year, p)]
+        official = _arithmetic_mean(figures) if year == 2020 else _harmonic_mean(figures)
+    if official is None and paper.get("machines") and set(paper["machines"]) <= set(machines):
+        official = paper.get("official_score")      # per machine type figures: all of them
+    return {"source": paper["source"], "sections": ours, "machines": machines,
+            "official_score": official}

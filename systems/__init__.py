@@ -48,8 +48,10 @@ The decision threshold is not the system's: asd.py holds a share of the normal t
 out of `fit`, scores them with `score`, and fits a gamma to those scores, the same for every
 system; it also refuses a model whose scores have collapsed to one value.
 """
+import ast
 import importlib
 import inspect
+from pathlib import Path
 
 # CLI name -> (module under systems/, class, one line for `list systems` and --help)
 SYSTEMS = {
@@ -98,3 +100,14 @@ def own_options(cls):
     params = inspect.signature(cls.__init__).parameters.values()
     return {p.name: p.default for p in params
             if p.kind is p.KEYWORD_ONLY and p.name not in COMMON}
+
+
+def paper_figures(name):
+    """The system's PAPER_DEV, the paper's development-set figures (a plain constant near the
+    top of its file, see scoring.paper_entry), read from the source without importing the
+    module (evaluate starts without torch); None where the file has none."""
+    path = Path(__file__).with_name(f"{_entry(name)[0]}.py")
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["PAPER_DEV"]:
+            return ast.literal_eval(node.value)
+    return None

@@ -35,6 +35,24 @@ import losses
 import models
 import train
 
+# The paper's development-set figures for the table 3 ensemble (Submission 1), per machine
+# type: the harmonic-mean AUC per domain of the table 2 row whose feature, model and detector
+# table 3 picks (valve: table 2's log-mel MFN row scores valve with log-softmax, table 3 picks
+# LOF), and table 4's figure for Submission 1 (no metric named; read as the machine type's
+# score). No per-section figures, no official score. Shown beside ours by `evaluate`.
+PAPER_DEV = {
+    "year": 2022, "source": "Bai 2022, tables 2 and 4 (Submission 1, per machine type)",
+    "sections": {},
+    "machines": {
+        "ToyCar": {"auc_source": 0.8947, "auc_target": 0.7552, "score": 0.7228},
+        "ToyTrain": {"auc_source": 0.6958, "auc_target": 0.5946, "score": 0.5956},
+        "bearing": {"auc_source": 0.7618, "auc_target": 0.8347, "score": 0.7231},
+        "fan": {"auc_source": 0.7592, "auc_target": 0.5863, "score": 0.6671},
+        "gearbox": {"auc_source": 0.8697, "auc_target": 0.8656, "score": 0.8151},
+        "slider": {"auc_source": 0.9542, "auc_target": 0.7804, "score": 0.8174},
+        "valve": {"auc_source": 0.8895, "auc_target": 0.8571, "score": 0.8541}},
+    "official_score": None,
+    "setting": {}}
 # Table 3: the ensemble submission's choice per machine type
 RECIPES = {
     "ToyCar":   dict(feature="stft",   model="mfn", loss="arcface", augment=("mixup",),         detector="lof"),

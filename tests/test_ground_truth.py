@@ -12,6 +12,7 @@ import asd
 import data
 import scoring
 import synth
+import systems
 
 # The 2020 format, as y-kawagu/dcase2020_task2_evaluator reads it: a machine type line, then
 # rows whose last column is the label (its Y_TRUE_COL = 2)
@@ -130,6 +131,31 @@ def test_results_table_sets_the_published_baseline_beside_ours():
     rows_2023 = [dict(r, domain="source" if r["score"] < 0.3 else "target") for r in rows]
     _, table = scoring.comparison_rows(scoring.official_score(2023, rows_2023))
     assert all(v is None for r in table for v in r[-4:])       # no published 2023 figures
+
+
+def test_results_table_sets_each_papers_figures_beside_the_baselines():
+    """PAPER_DEV, read from the system files without importing them: per section figures
+    (Shinmura's valve IDs), per machine type figures only (Cai's Omega), and where none."""
+    rows = [{"machine": "valve", "section": s, "label": i % 2, "score": i % 2 + 0.1 * (i % 5)}
+            for s in ("00", "02") for i in range(10)]
+    result = scoring.official_score(2020, rows)
+    shinmura = systems.paper_figures("shinmura2020")
+    header, table = scoring.comparison_rows(result, paper=shinmura)
+    assert header[-6:] == ["baseline_auc", "baseline_pauc", "baseline_score",
+                           "paper_auc", "paper_pauc", "paper_score"]
+    by_key = {(r[0], r[1]): dict(zip(header, r)) for r in table}
+    assert by_key[("valve", "00")]["paper_auc"] == 0.996 and by_key[("valve", "02")]["paper_auc"] == 0.999
+    assert by_key[("valve", "all")]["paper_auc"] == pytest.approx(0.9975)
+    assert by_key[("valve", "all")]["paper_pauc"] is None                 # table 1 has no pAUC
+    assert by_key[("official score", "")]["paper_score"] is None
+    entry = scoring.paper_entry(result, shinmura)
+    assert entry["sections"][0] == {"auc": 0.996} and entry["source"].startswith("Shinmura")
+    rows_2021 = [dict(r, machine=m, domain=d) for m in ("fan", "valve") for d in ("source", "target")
+                 for r in rows]
+    cai = scoring.paper_entry(scoring.official_score(2021, rows_2021), systems.paper_figures("cai2021"))
+    assert cai["machines"]["fan"] == {"score": 0.6445} and cai["sections"] == [None] * 8
+    assert cai["official_score"] is None              # Omega over 7 machine types, we have 2
+    assert systems.paper_figures("ae") is None
 
 
 # Each README's per machine type means ("Average" 2020, "harmonic mean" 2021-2022)

@@ -132,6 +132,29 @@ def test_checkpoint_in_panns_format_gives_the_features_of_the_saved_network(tmp_
         direct = models.channel_means(net(features.panns_log_mel(wave)[None])[1:17])
     assert got.shape == (1, 3776) and torch.allclose(got, direct, atol=1e-6)
     assert system.min_samples < len(clip) and "resnet38" in system.settings["extractor"]
+    assert not system.minmax         # auto: ResNet38's non-negative block means as they are
+
+
+def test_balanced_ensemble_weight_gives_eq9_and_eq10_equal_shares(capsys):
+    """--ensemble-weight balanced: on the training clips, w x eq. 10 weighs as much as eq. 9
+    on average, as the paper's 0.01 did on its scales; both terms are logged."""
+    system = narita2021.Narita2021(year=2021, hidden=16, bottleneck=8, latent=4)
+    system.sections = ["00", "01"]
+    system._build_vae(12)
+    with torch.no_grad():
+        system.center.centers.normal_(generator=torch.Generator().manual_seed(0))
+    x, y = torch.rand(10, 12, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1] * 5)
+    system._balance(x, y)
+    with torch.no_grad():
+        x_hat, mu, logvar, h = system.vae(x)
+        rec, kld = losses.vae_loss_terms(x, x_hat, mu, logvar)
+        e10 = narita2021.eq10(rec, kld, system.center(h, y), 150.0)
+    assert float(system.weight * e10.mean()) == pytest.approx(float(narita2021.eq9(rec, kld).mean()))
+    assert "lambda L_C" in capsys.readouterr().out
+    fixed = narita2021.Narita2021(year=2021, ensemble_weight=0.01)
+    assert fixed.weight == 0.01 and fixed.minmax      # the own extractor's features: scaled
+    with pytest.raises(ValueError, match="balanced or a number"):
+        narita2021.Narita2021(year=2021, ensemble_weight="half")
 
 
 # The AUC bar: a synthetic 2021 valve set, two sections, 24 training clips each (1 in 10 from
@@ -165,6 +188,11 @@ def test_narita2021_on_synthetic_2021_data_reaches_auc_bar(trained):
     assert len(source) == 2 and np.mean(source) >= 0.8, result["sections"]
     about = json.loads((trained / "models/valve/model.json").read_text())
     assert about["features"]["extractor"].startswith("mobilenetv2")
+    # which extractor made the features, and the paper's table 6 beside ours
+    assert result["extractors"]["valve"] == about["features"]["extractor"]
+    markdown = (trained / "results.md").read_text()
+    assert f"valve: features from {about['features']['extractor']} (the paper: PANNs" in markdown
+    assert result["paper"]["sections"][0] == {"auc": 0.7885, "pauc": 0.6300}   # valve 00 source
     assert about["options"]["anomaly_score"] == "ensemble"
     scores = [float(v) for _, v in scoring.read_csv(
         trained / "results/anomaly_score_valve_section_00_source_test.csv")]
