@@ -20,6 +20,7 @@ commands that train or score, so `list`, `--help` and `evaluate` start at once.
 """
 import argparse
 import ctypes
+import hashlib
 import inspect
 import json
 import os
@@ -124,28 +125,35 @@ def data_folder(args):
 
 
 def train_clips(args):
-    """Training clips: the part's train folder; for --part eval of 2020-2022, also the dev
-    set's training clips of the same machine type, as the baselines trained for evaluation."""
-    clips = data.list_clips(data_folder(args), year=args.year, machine=args.machine,
-                            split="train")
-    spec = data.get_year(args.year)
-    if args.part == "eval" and not args.data_dir and args.machine in spec.dev:
-        dev = data.part_dir(args.data_root, args.year, "dev")
-        clips = data.list_clips(dev, year=args.year, machine=args.machine, split="train") + clips
-    return clips
+    """Training clips: --data-dir's train folder as it is, else the training data the system
+    declares (its `training_data`), resolved by data.training_clips."""
+    if args.data_dir:
+        return data.list_clips(Path(args.data_dir), year=args.year, machine=args.machine,
+                               split="train")
+    return data.training_clips(args.data_root, args.year, args.machine, args.part,
+                               log=getattr(args, "log", print),
+                               **systems.get_system(args.system).training_data)
 
 
-def pretrain_pool(args, split="train"):
-    """The training clips of every machine type in the folder the run trains from (the dev
-    folder first, as train_clips), for a system that pre-trains across machine types; with
-    split "supplemental" (2025), the normal clips of that extra folder instead."""
-    if args.normal_dir:
-        return None                              # the system pre-trains on the clips it fits
+def shared_pool(args, kind, split="train"):
+    """The clips a model shared by the year's machine types learns from (held-out clips not yet
+    removed): kind "dev", the training clips of every machine type of the dev set (of the
+    run's part where there is no dev folder); "part", of every machine type of the run's part,
+    each as the system trains it (train_clips); "all", of every machine type of the year, dev
+    and eval parts where present. With --data-dir, every machine type in that folder. Split
+    "supplemental" (2025): the normal clips of that extra folder instead."""
     spec = data.get_year(args.year)
-    folder = data_folder(args)
-    if args.part == "eval" and not args.data_dir and args.machine in spec.dev:
-        folder = data.part_dir(args.data_root, args.year, "dev")
-    return [c for m in spec.machines if (folder / m / split).is_dir()
+    if args.data_dir:
+        folders = [Path(args.data_dir)]
+    else:
+        parts = {"dev": ["dev"], "part": [args.part], "all": ["dev", "eval"]}[kind]
+        folders = [data.part_dir(args.data_root, args.year, p) for p in parts]
+        folders = [f for f in folders if f.is_dir()] or [data_folder(args)]
+    if kind == "part" and split == "train" and not args.data_dir:
+        table = spec.dev if args.part == "dev" else spec.eval
+        return [c for m in table if (folders[0] / m / split).is_dir()
+                for c in train_clips(argparse.Namespace(**{**vars(args), "machine": m}))]
+    return [c for folder in folders for m in spec.machines if (folder / m / split).is_dir()
             for c in data.list_clips(folder, year=args.year, machine=m, split=split)
             if c.label == "normal"]
 
@@ -209,7 +217,8 @@ def fit_and_save(args, clips, model_dir, about):
     import features
     import train
     device = pick_device(args.device)
-    fit_clips, held = data.hold_out(clips, args.threshold_holdout, seed=args.seed)
+    held_out = data.hold_out if args.normal_dir else data.split_held_out   # the same every run
+    fit_clips, held = held_out(clips, args.threshold_holdout, seed=args.seed)
     print(f"train {args.system} on {len(fit_clips)} clips of {about['machine']} ({args.year} "
           f"recipe) on {device}; {len(held)} clips held out for the threshold")
     cls = systems.get_system(args.system)
@@ -219,11 +228,16 @@ def fit_and_save(args, clips, model_dir, about):
     t0 = time.time()
     extra = {}
     if "supplemental_clips" in inspect.signature(cls.fit).parameters:   # 2025's extra folder
-        extra["supplemental_clips"] = pretrain_pool(args, "supplemental") or []
-    if "pretrain_clips" in inspect.signature(cls.fit).parameters:
-        pool = pretrain_pool(args)
-        pool = pool and [c for c in pool if c not in set(held)]
-        system.fit(fit_clips, model_dir, pretrain_clips=pool, **extra)
+        extra["supplemental_clips"] = ([] if args.normal_dir else
+                                       shared_pool(args, "part", "supplemental"))
+    about["trained_on"], about["shared"] = data.clip_groups(fit_clips), None
+    if system.shared_pool and not args.normal_dir:
+        pool, _ = data.split_held_out(shared_pool(args, system.shared_pool),
+                                      args.threshold_holdout, seed=args.seed)
+        folder, shared, made = shared_model(args, system, pool, extra)
+        system.fit(fit_clips, model_dir, shared=shared)
+        about["shared"] = folder.relative_to(system_dir(args)).as_posix()
+        about["trained_on"] = merge_groups(made["trained_on"] + about["trained_on"])
     else:
         system.fit(fit_clips, model_dir, **extra)
     # The official baselines fit the gamma to the training clips' own scores; a model that has
@@ -257,6 +271,75 @@ def fit_and_save(args, clips, model_dir, about):
         checkpoint.unlink()
     print(f"trained in {time.time() - t0:.1f} s; gamma threshold {threshold:.4g} "
           f"({args.threshold_quantile:g} quantile of {len(scores)} {source} scores)")
+
+
+def system_dir(args):
+    """<out>/dcase<YEAR>/<system>: the run directory of a system's year, both parts, where its
+    shared models live (shared/<name>-<key>)."""
+    return Path(args.out) / f"dcase{args.year}" / args.system
+
+
+def shared_key(args, system, pool):
+    """What a shared model depends on: year, system, seed, every option but those the system
+    names as its machine types' own (`shared_ignores`), and each clip's place, size and time."""
+    options = {k: v for k, v in system_options(args, "cpu").items()
+               if k not in ("device", "cache_dir", *system.shared_ignores)}
+    clips = sorted(("/".join(c.path.parts[-4:]), c.path.stat().st_size, c.path.stat().st_mtime_ns)
+                   for c in pool)
+    return {"system": args.system, "year": args.year, "options": options, "clips": clips}
+
+
+def shared_model(args, system, pool, extra):
+    """The model the year's machine types share, trained once per key (shared_key) in its own
+    folder under the system's run directory: built beside it (.<name>.partial, where an
+    interrupted run resumes) and swapped in whole, under a lock, so that a second run started
+    meanwhile waits and then reuses it. (folder, its saved state, its shared.json)."""
+    import torch
+    key = shared_key(args, system, [*pool, *extra.get("supplemental_clips", [])])
+    digest = hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()[:12]
+    folder = system_dir(args) / "shared" / f"{system.shared_name}-{digest}"
+    with data.lock(folder.with_name(f".{folder.name}.lock"), what=f"shared model {folder}",
+                   wait=True, log=args.log):
+        if (folder / "model.pt").exists():
+            made = json.loads((folder / "shared.json").read_text())
+            args.log(f"reusing the shared {system.shared_name} {folder} (trained on "
+                     f"{sum(g['clips'] for g in made['trained_on'])} clips of "
+                     f"{len({g['machine'] for g in made['trained_on']})} machine types)")
+        else:
+            _build_shared(args, system, pool, extra, folder, key)
+            made = json.loads((folder / "shared.json").read_text())
+        state = torch.load(folder / "model.pt", map_location=system.device, weights_only=False)
+    return folder, state, made
+
+
+def _build_shared(args, system, pool, extra, folder, key):
+    """Train the shared model into .<name>.partial (resuming what is there) and swap it in."""
+    import train
+    partial = folder.with_name(f".{folder.name}.partial")
+    if not partial.exists():
+        data.claim(partial, "python asd.py train (a model shared by the year's machine types)")
+    args.log(f"training the shared {system.shared_name} on {len(pool)} clips of "
+             f"{len({c.machine for c in pool})} machine types -> {folder}")
+    state, used, info = system.fit_shared(pool, partial, **extra)
+    train.save(state, partial / "model.pt")
+    for checkpoint in partial.glob("checkpoint*"):
+        checkpoint.unlink()
+    data.write_json(partial / "shared.json", {
+        **{k: v for k, v in key.items() if k != "clips"}, "n_clips": len(key["clips"]),
+        "trained_on": data.clip_groups(used), **info, **versions()})
+    data.swap_in(partial, folder)
+
+
+def merge_groups(groups):
+    """trained_on groups of the shared and the own network as one list: a (machine, part,
+    section) both saw counted once, with the larger count (the same folder less the same
+    held-out clips)."""
+    merged = {}
+    for g in groups:
+        key = (g["machine"], g["part"], g["section"])
+        merged[key] = max(merged.get(key, 0), g["clips"])
+    return [{"machine": m, "part": p, "section": s, "clips": n}
+            for (m, p, s), n in sorted(merged.items())]
 
 
 def _check_resume(partial, args):

@@ -17,9 +17,13 @@ On disk, one layout for every year, exactly as the organisers' archives unpack b
 2021 has `source_test/` and `target_test/` in place of `test/`; 2025 adds `supplemental/`.
 `normal_clips` reads a plain folder of your own machine's normal recordings instead.
 Facts follow the organisers' task pages and their baseline repositories (nttcslab).
-It also holds `write_atomic`, the one writer that every output file of asd goes through.
+It also holds `write_atomic`, the one writer that every output file of asd goes through, and
+`lock`, which keeps two runs from building the same folder at once.
 """
+import contextlib
 import csv
+import datetime
+import fcntl
 import json
 import os
 import random
@@ -429,6 +433,47 @@ def truth_from_tables(gt, *, year):
 
 
 # --------------------------------------------------------------------------------------------
+# What a system trains on: its declaration resolved into clips
+
+def training_clips(data_root, year, machine, part, *, additional=False, paper="", log=print):
+    """The training clips of one machine type, as a system declares them (its
+    `training_data`): the part's train folder; for --part eval of a type that is also in the
+    dev set (2020-2022), the dev set's training clips first, as the baselines trained for
+    evaluation; with `additional`, dev runs also take the additional training sections
+    (eval_data/<machine>/train, 2020-2022), as JLESS and Narita did. Where those are not on
+    disk, training goes on with what is there and one line names the missing sections, what
+    the paper used (`paper`) and the command that fetches them."""
+    spec = get_year(year)
+    clips = list_clips(part_dir(data_root, year, part), year=year, machine=machine, split="train")
+    if part == "eval" and machine in spec.dev:
+        dev = part_dir(data_root, year, "dev")
+        return list_clips(dev, year=year, machine=machine, split="train") + clips
+    if part == "dev" and additional and machine in spec.eval:
+        extra = part_dir(data_root, year, "eval")
+        if (extra / machine / "train").is_dir():
+            return clips + list_clips(extra, year=year, machine=machine, split="train")
+        log(f"{machine}: the additional training sections {', '.join(spec.eval[machine])} "
+            f"({extra / machine / 'train'}) are not there, so this trains on sections "
+            f"{', '.join(sorted({c.section for c in clips}))} only; the paper used {paper}; "
+            f"fetch them: python asd.py download --year {year} --machine {machine} --part "
+            f"train --data-root {data_root}")
+    return clips
+
+
+def clip_groups(clips):
+    """What a network saw, for model.json's "trained_on": one {"machine", "part", "section",
+    "clips"} per group, sorted; the part is the clip's part folder (dev_data -> dev), or the
+    folder's own name outside the standard layout."""
+    counts = {}
+    for c in clips:
+        part = c.path.parents[2].name if len(c.path.parents) > 2 else ""
+        key = (c.machine, part.removesuffix("_data"), c.section)
+        counts[key] = counts.get(key, 0) + 1
+    return [{"machine": m, "part": p, "section": s, "clips": n}
+            for (m, p, s), n in sorted(counts.items())]
+
+
+# --------------------------------------------------------------------------------------------
 # Held-out normals for the decision threshold
 
 MIN_HELD_OUT = 8   # clips: a gamma fitted to fewer scores is a guess
@@ -447,6 +492,22 @@ def hold_out(clips, share, *, seed):
     held = set(random.Random(seed).sample(source, n))
     return ([c for i, c in enumerate(clips) if i not in held],
             [c for i, c in enumerate(clips) if i in held])
+
+
+def split_held_out(clips, share, *, seed):
+    """hold_out applied to each training folder (<part>_data/<machine>/train) of `clips` on its
+    own, seeded by the seed and the folder's name: every run of a year, whatever machine type
+    or system it trains, holds out the same clips of a folder. So a model shared by several
+    machine types never trains on a clip that one of them fits its threshold to. (fit, held)."""
+    folders = {}
+    for c in clips:
+        folders.setdefault(c.path.parent, []).append(c)
+    fit, held = [], []
+    for folder, group in folders.items():
+        name = "/".join(folder.parts[-3:])                  # e.g. dev_data/fan/train
+        f, h = hold_out(group, share, seed=f"{seed}/{name}")
+        fit, held = fit + f, held + h
+    return fit, held
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,6 +552,73 @@ def write_text(path, text):
 def write_json(path, obj):
     """write_atomic for JSON, indented; what json cannot hold (paths) is written as str."""
     return write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# One builder at a time: an exclusive lock on a file beside what is built
+
+class Busy(RuntimeError):
+    """Another live process holds the lock (its pid, start time and what it builds are named)."""
+
+
+def _open_locked(path, blocking):
+    """Open `path` (created if needed) and flock it; (fd, None) once held, or (None, holder)
+    when busy and not blocking. Retries when the file was removed by its previous holder
+    between our open and our lock (then the lock would be on a file no one else sees)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.read(fd, 4096)
+            os.close(fd)
+            return None, holder
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd, None
+        os.close(fd)
+
+
+def _holder(raw):
+    """'pid N, started T' from a lock file's JSON (or what can be said when it is not yet written)."""
+    try:
+        h = json.loads(raw)
+        return f"pid {h['pid']}, started {h['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "pid unknown, just started"
+
+
+@contextlib.contextmanager
+def lock(path: Path, *, what: str, wait: bool, log=print):
+    """Hold an exclusive lock on PATH (a file, e.g. <folder>.lock beside the folder built)
+    while WHAT (e.g. "model runs/.../models/fan") is built. fcntl.flock, so the kernel
+    frees it when the process dies (no stale lock). The holder writes
+    {"pid", "started" (ISO time), "what"} into the file. Busy and wait=False: raise
+    data.Busy (a RuntimeError) whose message is one line "another run (pid N, started T)
+    is building WHAT; wait for it or stop it". Busy and wait=True: log one line saying it
+    waits for pid N, then block. The file is removed on release."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, holder = _open_locked(path, blocking=False)
+    if fd is None:
+        if not wait:
+            raise Busy(f"another run ({_holder(holder)}) is building {what}; "
+                       f"wait for it or stop it")
+        log(f"waiting for another run ({_holder(holder)}) building {what} ({path})")
+        fd, _ = _open_locked(path, blocking=True)
+    try:
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "started": started, "what": what}).encode())
+        os.fsync(fd)
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()                 # before unlocking: a waiter then re-opens a new file
+        os.close(fd)                      # frees the lock
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,10 +22,20 @@ The contract every system keeps:
         __init__(self, *, year, epochs, batch_size, lr, seed, device, cache_dir, log,
                  <own options>)      # own options: the keyword-only parameters after `log`;
                                      # the CLI derives them from this signature (`own_options`)
+        training_data = dict(additional=…, paper=…)   # what its paper trained on, resolved
+                                     # by data.training_clips: additional=True adds the
+                                     # additional training sections (2020-2022) to dev runs;
+                                     # paper: said when they are missing
+        shared_pool                  # None, or the pool ("dev", "part", "all": asd.shared_pool)
+                                     # of a network shared by the year's machine types; then
+                                     # also shared_name, shared_ignores (options the shared
+                                     # network does not depend on) and
+                                     # fit_shared(pool, workdir) -> (state, clips it saw,
+                                     # dict to record), which the CLI calls once per key
         fit(self, clips, workdir)    # trains on exactly these clips; reads nothing else from
-                                     # disk; cross-machine data (a pre-training pool) arrives
-                                     # as a keyword argument: fit(clips, workdir, *,
-                                     # pretrain_clips=None); writes only inside workdir or
+                                     # disk; the shared network arrives as a keyword argument:
+                                     # fit(clips, workdir, *, shared=None), None meaning "train
+                                     # it here on the clips"; writes only inside workdir or
                                      # through features' keyed cache
         score(self, clips) -> (n_clips,) float64 array
         train_scores(self) -> (n_train,)  # scores of the clips fit() saw; leave-one-out where

@@ -22,6 +22,9 @@ import train
 
 class AE:
     name = "ae"
+    # the baseline's: the part's training clips (eval runs: the dev set's too)
+    training_data = dict(additional=False, paper="the part's training clips")
+    shared_pool = None                  # no model shared by machine types
     quick = dict(epochs=2, batch_size=128)      # a smoke run: every step, no detection quality
     meta = dict(                                # the submission template's system description
         acoustic_features="log-mel energies (128 bands, 64 ms window, 32 ms hop), 5 frames "

@@ -84,6 +84,10 @@ NUMBERS = [
 
 class Jless2022:
     name = "jless2022"
+    # table 3 "Train-sections 0,1,2,3,4,5", table 1 "linear 6": dev and additional training
+    training_data = dict(additional=True, paper="sections 00-05, the development and "
+                                                "additional training clips (tables 1 and 3)")
+    shared_pool = None                  # one model per machine type
     quick = dict(epochs=1, batch_size=16, mfn_width=0.25, dpt_dim=16, dpt_depth=1,
                  mel_frames=32)          # 64 frames need 2.016 s; the synthetic clips are 2 s
     meta = dict(

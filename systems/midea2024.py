@@ -11,9 +11,11 @@ Network (2.1): models.DualBranch, a ResNet on the spectrogram and 1-D convolutio
 spectrum, CBAM in both, 128 + 128 = 256-dimensional embedding.
 Objective (eq. 1): L = L_joint + L_machine, each a sub-cluster AdaCos cross-entropy: over the
 joint class (machine type and section, attributes, domain; Wilkinghoff's classes keep the
-domain too) and over the machine (type and section). The classifier is trained on the
-training clips of every machine type in the data folder (the CLI's `pretrain_clips`), as
-Wilkinghoff and Midea train one model for all; the model folder keeps what scores this one.
+domain too) and over the machine (type and section). The classifier is one model for all
+machine types, as Wilkinghoff and Midea train it (`fit_shared`, trained once a year by the CLI
+and shared by every machine type's run): by default on the training clips of every machine
+type of the year, dev and eval parts together where both are there (Wilkinghoff: 16 types in
+2024), or of the run's part (--pool part); each machine type's model keeps its references.
 Classes without attributes (2.2, submission 2): the source clips of a noAttribute section
 (and, our extension, of a section whose source clips share one attribute string) are split
 into --n-pseudo k-means clusters of their log mean spectrum; its few target clips stay one
@@ -58,6 +60,10 @@ WARP_HOP = features.N_FFT // 4   # samples: time warping's STFT overlaps 3 / 4 f
 
 class Midea2024:
     name = "midea2024"
+    # each machine type's own clips (the classifier's pool is shared_pool, --pool)
+    training_data = dict(additional=False, paper="the training clips of every machine type")
+    shared_name = "classifier"
+    shared_ignores = ("kmeans_centres", "pool")    # the references' k-means; pool: its clips
     quick = dict(epochs=2, batch_size=16, clip_seconds=2.0, n_subclusters=4, kmeans_centres=4)
     meta = dict(
         acoustic_features="magnitude spectrum of the whole clip; 200-8000 Hz magnitude "
@@ -101,6 +107,10 @@ class Midea2024:
         group.add_argument("--smote-k", type=int, default=5,
                            help="SMOTE neighbours (Chawla's); also the time-warped copies a "
                                 "single-clip class gets first")
+        group.add_argument("--pool", default="all", choices=("all", "part"),
+                           help="the clips of the classifier all machine types share: every "
+                                "machine type of the year, dev and eval parts (Wilkinghoff), "
+                                "or those of the run's part")
         group.add_argument("--supplemental", action=argparse.BooleanOptionalAction,
                            default=False, help="2025: train also on supplemental/ normal clips")
 
@@ -108,7 +118,7 @@ class Midea2024:
                  cache_dir=None, log=print, variant="submission2", pseudo_attributes=None,
                  mixup=None, time_warp=None, smote=None, clip_seconds=18.0, n_subclusters=16,
                  learn_centres=False, kmeans_centres=16, n_pseudo=4, mixup_alpha=1.0,
-                 warp_sigma=0.2, smote_k=5, supplemental=False):
+                 warp_sigma=0.2, smote_k=5, supplemental=False, pool="all"):
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant '{variant}'; valid: {', '.join(VARIANTS)}")
         paper = self.defaults(year)
@@ -122,6 +132,7 @@ class Midea2024:
         self.n_subclusters, self.learn_centres = n_subclusters, learn_centres
         self.kmeans_centres, self.n_pseudo, self.mixup_alpha = kmeans_centres, n_pseudo, mixup_alpha
         self.warp_sigma, self.smote_k, self.supplemental = warp_sigma, smote_k, supplemental
+        self.shared_pool = pool          # asd.shared_pool's kind for the shared classifier
         self.n_samples = int(round(clip_seconds * features.SR))
         self.settings = dict(sr=features.SR, n_samples=self.n_samples, n_fft=features.N_FFT,
                              hop=features.HOP, band_hz=features.BAND_HZ)
@@ -218,8 +229,18 @@ class Midea2024:
     # ----------------------------------------------------------------------------------------
     # Training (eq. 1): sub-cluster AdaCos over joint classes plus over machines
 
-    def fit(self, clips, workdir, *, pretrain_clips=None, supplemental_clips=()):
-        pool = list(pretrain_clips or clips)
+    def fit(self, clips, workdir, *, shared=None, supplemental_clips=()):
+        """The classifier as `fit_shared` left it (`shared`), or trained here on the clips
+        alone; then this machine type's references."""
+        if shared is None:
+            shared, _, _ = self.fit_shared(clips, workdir, supplemental_clips=supplemental_clips)
+        self.net.load_state_dict(shared["net"])
+        self.fit_references(clips, torch.Generator(self.device).manual_seed(self.seed))
+
+    def fit_shared(self, pool, workdir, *, supplemental_clips=()):
+        """Train the classifier on the pool (every machine type's clips): (its state, the
+        clips it saw, what to record)."""
+        pool = list(pool)
         if self.supplemental:
             pool += list(supplemental_clips)
             self.log(f"{len(supplemental_clips)} supplemental clips join the training pool")
@@ -258,7 +279,8 @@ class Midea2024:
                 # eq. 1; a single machine class gives log p = 0 and adds nothing
                 loss = sum(-(y * head(emb, y)).sum(1).mean() for y, head in zip(labels, heads))
                 epoch.add(train.step(opt, loss), len(idx))
-        self.fit_references(clips, gen)
+        return {"net": self.net.state_dict()}, pool, {"classes": {
+            "joint": y_joint.shape[1], "machine": y_machine.shape[1]}}
 
     def fit_references(self, clips, gen):
         """Per section of the clips to score: k-means centres of the source embeddings and

@@ -50,6 +50,10 @@ SPAN_FLOOR = 1e-2
 
 class Narita2021:
     name = "narita2021"
+    # table 1 CenterLossLayer(6): one centre per section of the dev and additional training
+    training_data = dict(additional=True, paper="sections 00-05, the development and "
+                                                "additional training clips (table 1: 6 centres)")
+    shared_pool = None                  # one model per machine type
     quick = dict(epochs=2, batch_size=16, width=0.25, extractor_epochs=1, hidden=64,
                  bottleneck=32, latent=16)   # a smoke run: every step, no detection quality
     meta = dict(                             # the submission template's system description

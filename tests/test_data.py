@@ -1,6 +1,10 @@
 """The year table, file-name parsing for every year's patterns, clip listing, the organisers'
 ground-truth tables, the synthetic data sets; and the real clips of ../shared/data."""
 import collections
+import json
+import multiprocessing
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -173,3 +177,38 @@ def test_real_2024_roboticarm_eval_clips_labelled_by_the_organisers_tables():
         ("target", "normal"): 14, ("target", "anomaly"): 16}
     first = next(c for c in test if c.name == "section_00_0000.wav")
     assert (first.domain, first.label, first.attributes) == ("source", "normal", "weight15_BckgF")
+
+
+def _hold_lock(path, ready, release):
+    """In a child process: hold data.lock on `path` until `release` is set."""
+    with data.lock(path, what="model x", wait=False):
+        ready.set()
+        release.wait(10)
+
+
+def test_lock_refuses_or_waits_while_another_process_holds_it_and_dies_with_it(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    path = tmp_path / "x.lock"
+    ready, release = ctx.Event(), ctx.Event()
+    child = ctx.Process(target=_hold_lock, args=(path, ready, release))
+    child.start()
+    assert ready.wait(10)
+    with pytest.raises(data.Busy, match=rf"another run \(pid {child.pid}, started .*\) is "
+                                        r"building model x; wait for it or stop it"):
+        with data.lock(path, what="model x", wait=False):
+            pass
+    lines = []
+    threading.Timer(0.3, release.set).start()      # the holder lets go soon
+    with data.lock(path, what="model x", wait=True, log=lines.append):
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+    assert len(lines) == 1 and f"pid {child.pid}" in lines[0]
+    assert not path.exists()                       # removed on release
+    child.join(10)
+    killed = ctx.Process(target=_hold_lock, args=(path, ready, ctx.Event()))
+    ready.clear()
+    killed.start()
+    assert ready.wait(10)
+    killed.kill()
+    killed.join(10)                                # the kernel frees a dead holder's lock
+    with data.lock(path, what="model x", wait=False):
+        pass
