@@ -294,3 +294,25 @@ def test_2023_and_2025_layouts_reach_the_auc_bar_in_both_domains(tmp_path, year,
         assert "10 supplemental clips join the training pool" in lines
     aucs = domain_aucs(system, test)
     assert min(aucs.values()) >= 0.8, aucs
+
+
+def test_ensemble_scores_are_the_mean_of_its_members(tmp_path):
+    """--ensemble 2: member 1 is the single model of the same seed (same start, same draws),
+    member 2 another network; a clip's score is the mean of the two members' cosine distances."""
+    synth.synthesize(tmp_path, year=2023, machines=["valve"], n_train=8, n_test=4,
+                     n_attributes=2, eval_part=False)
+    folder = data.part_dir(tmp_path, 2023, "dev")
+    train = data.list_clips(folder, year=2023, machine="valve", split="train")
+    test = data.list_clips(folder, year=2023, machine="valve", split="test")
+    small = {**TINY, "epochs": 1}
+    one = midea2024.Midea2024(year=2023, **small, log=lambda line: None)
+    one.fit(train, tmp_path / "one")
+    two = midea2024.Midea2024(year=2023, **small, ensemble=2, log=lambda line: None)
+    two.fit(train, tmp_path / "two")
+    for a, b in zip(one.nets[0].state_dict().values(), two.nets[0].state_dict().values()):
+        assert torch.equal(a, b)
+    emb = two.embed(two.waves(test), two.nets[1])
+    second = torch.cat([two.references[c.section][1].score(emb[i:i + 1])
+                        for i, c in enumerate(test)]).numpy()
+    assert not np.allclose(second, one.score(test))               # another network
+    assert np.allclose(two.score(test), (one.score(test) + second) / 2)
