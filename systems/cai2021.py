@@ -17,7 +17,12 @@ Augmentations, each a flag: mixup, time
 masking and frame shifting (off by default: the paper's results of table 2 use none of them
 and it gives no settings for them).
 Score (eq. 3): only the CNN is used: the mean over a clip's patches of log((1 - p) / p), p the
-softmax probability of the clip's own section.
+softmax probability of the clip's own section. A property of the method, not a fault: eq. 3
+measures how surely a clip belongs to its own section, not how far it lies from the normal
+clips, so an anomaly raises it only where it moves the clip toward another section. Where the
+sections are easily told apart, an anomaly can make its clip more surely its own section and
+score lower than the normal clips (the README gives a real case); --score ae scores with the
+jointly trained AE's reconstruction error instead.
 Where the authors' code (task2/train.py, configs/contrastive.yaml) differs from the paper, the
 paper is the default and the code a flag: the code weights the contrastive loss 0.0005 where
 eq. 5 adds it with weight 1 (--contrastive-weight), and steps its MultiStepLR([30, 60, 90]) after
