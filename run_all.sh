@@ -12,7 +12,9 @@
 # result CSVs, results.json/.csv/.md), OUT/submissions/dcase<Y>/<system>/; OUT is . by
 # default, as for the single commands (data in data/). Every step is skipped when its output
 # is there, so a second run does nothing and an interrupted one resumes (an interrupted
-# training from its last epoch).
+# training from its last epoch). A network that a system's machine types share (shinmura2020's
+# pre-training, midea2024's classifier) is trained once a year, by the first machine type's
+# train, in OUT/runs/dcase<Y>/<system>/shared/; the other machine types and parts reuse it.
 #
 # --quick: the same steps on a small synthetic set (OUT/data; OUT quick/ by default), one
 # development and one evaluation machine type per year, 2 epochs: minutes on a CPU (CI runs it).
@@ -31,7 +33,7 @@ LABEL=""                                     # the submission label; default: pa
 QUICK_TRAIN=(--quick)                       # each system's smoke-run settings
 QUICK_SYNTH=(--n-train 10 --n-test 2)       # clips per section; test: per domain and label
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 while [ $# -gt 0 ]; do
   case "$1" in

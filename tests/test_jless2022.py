@@ -5,6 +5,7 @@ against table 1 layer by layer, the DPT's masked reconstruction learning, and th
 synthetic 2022 data with a target domain reaching an AUC bar through asd.main."""
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -275,3 +276,26 @@ def test_dpt_id_loss_sees_the_unmasked_input_it_is_scored_on():
     unmasked, _ = system.net(x)
     masked, _ = system.net(x, torch.ones(4, *system.net.grid, dtype=torch.bool))
     assert torch.allclose(seen[0], unmasked) and not torch.allclose(seen[0], masked)
+
+
+def test_dev_runs_train_on_the_additional_sections_or_say_they_are_missing(tmp_path, capsys):
+    """Table 3 trains on sections 0-5: a 2022 dev run takes eval_data/<m>/train (synth: 03, 04)
+    beside dev's 00, 01; without that folder it trains on 00, 01 and says what is missing."""
+    synth.synthesize(tmp_path / "data", year=2022, machines=["valve"], n_train=8, n_test=1)
+    run = ["train", *jless_run(tmp_path, "valve"), "--quick", "--epochs", "3", "--device", "cpu",
+           "--threads", "1"]
+    trained_on = tmp_path / "runs/dcase2022/jless2022/dev/models/valve/model.json"
+    assert asd.main(run) == 0
+    groups = json.loads(trained_on.read_text())["trained_on"]
+    assert [(g["part"], g["section"]) for g in groups] == [
+        ("dev", "00"), ("dev", "01"), ("eval", "03"), ("eval", "04")]
+    assert "additional training sections" not in capsys.readouterr().out
+    shutil.rmtree(tmp_path / "data/dcase2022/eval_data/valve/train")
+    assert asd.main([*run, "--force"]) == 0
+    groups = json.loads(trained_on.read_text())["trained_on"]
+    assert [(g["part"], g["section"]) for g in groups] == [("dev", "00"), ("dev", "01")]
+    (line,) = [l for l in capsys.readouterr().out.splitlines() if "additional" in l]
+    assert line.startswith("valve: the additional training sections 03, 04, 05 (") and (
+        "trains on sections 00, 01 only; the paper used sections 00-05" in line and
+        line.endswith("python asd.py download --year 2022 --machine valve --part train "
+                      f"--data-root {tmp_path / 'data'}"))

@@ -5,6 +5,7 @@ synthetic 2024 (noAttribute, through asd.main), 2023 and 2025 (supplemental) set
 AUC bar in both domains."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ import synth
 from systems import midea2024
 
 SQRT2 = math.sqrt(2)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_adacos_scale_follows_its_formula_on_a_hand_checked_case():
@@ -316,3 +318,58 @@ def test_ensemble_scores_are_the_mean_of_its_members(tmp_path):
                         for i, c in enumerate(test)]).numpy()
     assert not np.allclose(second, one.score(test))               # another network
     assert np.allclose(two.score(test), (one.score(test) + second) / 2)
+
+
+def midea_run(tmp, machine, out="runs"):
+    return ["train", "--year", "2024", "--system", "midea2024", "--machine", machine,
+            "--data-root", tmp / "data", "--out", tmp / out, "--device", "cpu", "--threads", "1",
+            "--cache-dir", tmp / "cache", *[f"--{k.replace('_', '-')}={v}" for k, v in
+                                             {**TINY, "epochs": 1}.items()]]
+
+
+@pytest.fixture(scope="module")
+def year2024(tmp_path_factory):
+    """A 2024 set of two dev machine types and one eval type, 12 training clips each (10
+    source, 2 target; 2 source clips held out): the classifier's default pool."""
+    tmp = tmp_path_factory.mktemp("midea_shared")
+    synth.synthesize(tmp / "data", year=2024, machines=["fan", "gearbox", "3DPrinter"],
+                     n_train=12, n_test=1)
+    return tmp
+
+
+def test_two_machine_types_in_a_row_share_one_classifier(year2024, capsys):
+    """The second machine type reuses the classifier the first trained (on all three types,
+    less each folder's held-out clips), and both model.json files name it."""
+    assert asd.main(midea_run(year2024, "fan")) == 0
+    first = capsys.readouterr().out
+    assert asd.main(midea_run(year2024, "gearbox")) == 0
+    second = capsys.readouterr().out
+    assert "training the shared classifier on 30 clips of 3 machine types" in first
+    assert "reusing the shared classifier" in second and "training the shared" not in second
+    models = year2024 / "runs/dcase2024/midea2024/dev/models"
+    about = [json.loads((models / m / "model.json").read_text()) for m in ("fan", "gearbox")]
+    assert about[0]["shared"] == about[1]["shared"] and about[0]["shared"].startswith("shared/")
+    (shared,) = (year2024 / "runs/dcase2024/midea2024/shared").iterdir()
+    assert data.owned(shared) and about[0]["shared"] == f"shared/{shared.name}"
+    assert {(g["machine"], g["part"], g["clips"]) for g in about[0]["trained_on"]} == {
+        ("fan", "dev", 10), ("gearbox", "dev", 10), ("3DPrinter", "eval", 10)}
+    held = json.loads((models / "fan/threshold.json").read_text())["clips"]
+    assert len(held) == 2 and all("/fan/" in c for c in held)     # never in the pool
+
+
+def test_two_concurrent_runs_train_the_classifier_once(year2024):
+    """Two processes of different machine types started together: one trains the shared
+    classifier, the other waits for it and reuses it; both models are written."""
+    import subprocess
+    import sys
+    argv = [[sys.executable, str(ROOT / "asd.py"), *map(str, midea_run(year2024, m, "both"))]
+            for m in ("fan", "gearbox")]
+    runs = [subprocess.Popen(a, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for a in argv]
+    outs = [r.communicate(timeout=300)[0] for r in runs]
+    assert [r.returncode for r in runs] == [0, 0], outs
+    assert sum("training the shared classifier" in o for o in outs) == 1, outs
+    assert sum("reusing the shared classifier" in o for o in outs) == 1, outs
+    assert len(list((year2024 / "both/dcase2024/midea2024/shared").iterdir())) == 1
+    for m in ("fan", "gearbox"):
+        assert (year2024 / f"both/dcase2024/midea2024/dev/models/{m}/model.pt").exists()

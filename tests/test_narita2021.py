@@ -169,3 +169,20 @@ def test_narita2021_on_synthetic_2021_data_reaches_auc_bar(trained):
     scores = [float(v) for _, v in scoring.read_csv(
         trained / "results/anomaly_score_valve_section_00_source_test.csv")]
     assert len(set(scores)) == len(scores) == 20
+
+
+def test_one_centre_per_training_section_with_the_additional_sections(tmp_path):
+    """CenterLossLayer(6): a 2021 dev run trains on dev's sections and the additional training
+    ones (synth: 00, 01 and 03, 04), one centre each; the test clips use their own."""
+    synth.synthesize(tmp_path / "data", year=2021, machines=["valve"], n_train=4, n_test=1)
+    run = ["--year", "2021", "--machine", "valve", "--system", "narita2021",
+           "--data-root", tmp_path / "data", "--out", tmp_path / "runs", "--no-cache",
+           "--device", "cpu", "--threads", "1"]
+    assert asd.main(["train", *run, "--quick"]) == 0
+    models = tmp_path / "runs/dcase2021/narita2021/dev/models/valve"
+    sections = sorted({g["section"] for g in
+                       json.loads((models / "model.json").read_text())["trained_on"]})
+    saved = torch.load(models / "model.pt", weights_only=False)["state"]
+    assert sections == saved["sections"] == ["00", "01", "03", "04"]
+    assert saved["center"]["centers"].shape[0] == 4
+    assert asd.main(["test", *run]) == 0

@@ -112,3 +112,11 @@ def test_years_come_from_the_cli(tmp_path):
     years = [line.split("] ", 1)[1].split(":")[0] for line in log.splitlines()
              if line.startswith("== [") and ": dev " in line]
     assert years == [f"dcase{y}" for y in data.YEARS], log
+
+
+def test_each_shared_model_is_trained_once_a_year(quick):
+    """2020's shinmura2020 pre-training is trained by the dev run and reused by the eval run."""
+    out, log = quick
+    assert len(list((out / "runs/dcase2020/shinmura2020/shared").iterdir())) == 1
+    assert log.count("training the shared pretraining") == 1
+    assert log.count("reusing the shared pretraining") == 1

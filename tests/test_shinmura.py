@@ -3,6 +3,7 @@ generated anomalies doing what they claim, hard-sample selection, the input pipe
 librosa, and the whole system on synthetic 2020 data reaching an AUC bar."""
 import json
 import math
+import re
 
 import librosa
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 
 import asd
 import augment
+import data
 import features
 import flags
 import losses
@@ -175,9 +177,33 @@ def test_shinmura2020_on_synthetic_2020_data_reaches_auc_bar(trained):
     threshold = json.loads((trained / "runs/dcase2020/shinmura2020/dev/models/valve/"
                             "threshold.json").read_text())
     assert threshold["threshold"] > 1e-4          # leave-one-out training scores, not zeros
-    # the pre-trained network went to the keyed cache, not beside the models
-    assert len(list((trained / "cache/pretrained").glob("*.pt"))) == 1
+    # the pre-trained network is the year's, in its own folder, not beside the models
+    about = json.loads((trained / "runs/dcase2020/shinmura2020/dev/models/valve/model.json")
+                       .read_text())
+    (shared,) = (trained / "runs/dcase2020/shinmura2020/shared").iterdir()
+    assert about["shared"] == f"shared/{shared.name}" and (shared / "model.pt").exists()
     assert not list((trained / "runs/dcase2020/shinmura2020/dev/models").glob("pretrained*"))
+
+
+def test_shinmura2020_trains_one_ensemble_per_machine_id_on_its_own_clips(trained):
+    """One ensemble per ID; a test clip is scored by its own ID's ensemble against the
+    embeddings of that ID's training clips only."""
+    models = trained / "runs/dcase2020/shinmura2020/dev/models/valve"
+    system, _ = asd.load_model(models, "cpu", None)
+    assert sorted(system.members) == ["00", "02"] and all(len(m) == 2 for m in
+                                                          system.members.values())
+    trained_on = json.loads((models / "model.json").read_text())["trained_on"]
+    own = {g["section"]: g["clips"] for g in trained_on if g["machine"] == "valve"}
+    assert {u: [len(d.train) for d in ds] for u, ds in system.detectors.items()} == {
+        u: [n, n] for u, n in own.items()}
+    clips = data.list_clips(data.part_dir(trained / "data", 2020, "dev"), year=2020,
+                            machine="valve", split="test")[::4]
+    x, scores = system.images(clips), system.score(clips)
+    for unit in ("00", "02"):
+        idx = [i for i, c in enumerate(clips) if c.section == unit]
+        alone = sum(d.score(system._embed(n, x[idx])) for n, d in
+                    zip(system.members[unit], system.detectors[unit])) / 2
+        assert np.allclose(scores[idx], alone.numpy())
 
 
 TINY = ["--width", "0.25", "--image-size", "32", "--epochs", "4", "--pretrain-epochs", "2",
@@ -195,12 +221,12 @@ def test_shinmura2020_resumes_after_an_interruption_to_the_same_scores(trained, 
     def crash(obj, path):
         real_save(obj, path)
         saved.append(path.name)
-        if saved.count("checkpoint_1.pt") == 3:
+        if saved.count("checkpoint_id00_1.pt") == 3:
             raise KeyboardInterrupt("simulated Ctrl-C")
     monkeypatch.setattr(train, "save", crash)
     assert asd.main(["train", *shinmura_run(trained, "resumed"), *TINY]) == 130
     models = trained / "resumed/dcase2020/shinmura2020/dev/models/.valve.partial"
-    assert {"member_0.pt", "checkpoint_1.pt"} <= {p.name for p in models.iterdir()}
+    assert {"member_id00_0.pt", "checkpoint_id00_1.pt"} <= {p.name for p in models.iterdir()}
     monkeypatch.setattr(train, "save", real_save)
     assert asd.main(["train", *shinmura_run(trained, "resumed"), *TINY]) == 0
     assert asd.main(["test", *shinmura_run(trained, "resumed"), "--device", "cpu"]) == 0
@@ -217,14 +243,38 @@ def test_pretraining_pool_comes_from_the_cli(tmp_path):
     synth.synthesize(tmp_path / "data", year=2020, machines=["valve", "fan"], n_train=2, n_test=1)
     args = flags.build_parser("shinmura2020", 2020, False).parse_args(
         ["train", "--machine", "valve", "--data-root", str(tmp_path / "data")])
-    pool = asd.pretrain_pool(args)
+    pool = asd.shared_pool(args, "dev")
     assert {c.machine for c in pool} == {"valve", "fan"} and len(pool) == 2 * 2 * 2
     args.part = "eval"
-    assert {c.path.parents[2].name for c in asd.pretrain_pool(args)} == {"dev_data"}
+    assert asd.shared_pool(args, "dev") == pool
     system = shinmura2020.Shinmura2020(year=2020, pretrain_classes=1)
     chosen, labels, n_classes = system._pretrain_set(pool)
     assert n_classes == 2 and sorted(set(labels.tolist())) == [0, 1]   # one ID per machine
     assert set(chosen) <= set(pool)
+
+
+def test_two_machine_types_in_a_row_pre_train_once_and_log_its_accuracy(tmp_path, capsys):
+    """valve then fan (2020, two IDs each): the first pre-trains on both types' clips less every
+    folder's held-out ones and logs the accuracy, the second reuses it."""
+    synth.synthesize(tmp_path / "data", year=2020, machines=["valve", "fan"], n_train=10,
+                     n_test=1)
+    printed = []
+    for machine in ("valve", "fan"):
+        run = ["--year", "2020", "--machine", machine, "--system", "shinmura2020",
+               "--data-root", tmp_path / "data", "--out", tmp_path / "runs", "--no-cache"]
+        assert asd.main(["train", *run, *TINY[:-4], "--ensemble", "1"]) == 0
+        printed.append(capsys.readouterr().out)
+    assert "pre-training on 30 clips, 4 classes" in printed[0]
+    assert re.search(r"pre-training accuracy on its 30 clips: \d+\.\d% \(the paper reports "
+                     r"98%\)", printed[0])
+    assert "reusing the shared pretraining" in printed[1] and "pre-training" not in printed[1]
+    models = tmp_path / "runs/dcase2020/shinmura2020/dev/models"
+    shared = {json.loads((models / m / "model.json").read_text())["shared"]
+              for m in ("valve", "fan")}
+    assert len(shared) == 1
+    made = json.loads((tmp_path / "runs/dcase2020/shinmura2020" / shared.pop() /
+                       "shared.json").read_text())
+    assert 0 <= made["accuracy"] <= 1 and sum(g["clips"] for g in made["trained_on"]) == 30
 
 
 def test_ablation_flags_reach_the_system(tmp_path, capsys):
