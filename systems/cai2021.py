@@ -17,12 +17,10 @@ Augmentations, each a flag: mixup, time
 masking and frame shifting (off by default: the paper's results of table 2 use none of them
 and it gives no settings for them).
 Score (eq. 3): only the CNN is used: the mean over a clip's patches of log((1 - p) / p), p the
-softmax probability of the clip's own section. A property of the method, not a fault: eq. 3
-measures how surely a clip belongs to its own section, not how far it lies from the normal
-clips, so an anomaly raises it only where it moves the clip toward another section. Where the
-sections are easily told apart, an anomaly can make its clip more surely its own section and
-score lower than the normal clips (the README gives a real case); --score ae scores with the
-jointly trained AE's reconstruction error instead.
+softmax probability of the clip's own section. It needs a trained classifier: on a small set
+100 epochs at the authors' lr 1e-5 are a few hundred steps and leave p near 1/2 (fit() logs
+the median p of the training clips and warns below 0.9; README, the BLDC sample); --score ae
+scores with the jointly trained AE's reconstruction error instead.
 Where the authors' code (task2/train.py, configs/contrastive.yaml) differs from the paper, the
 paper is the default and the code a flag: the code weights the contrastive loss 0.0005 where
 eq. 5 adds it with weight 1 (--contrastive-weight), and steps its MultiStepLR([30, 60, 90]) after
@@ -233,6 +231,20 @@ class Cai2021:
             if self.lr_schedule == "epoch":
                 sched.step()
         self._train_scores = self._score(self._standardise(mels), self._targets(clips))
+        if self.scoring == "cnn":
+            self._log_confidence(len(starts))
+
+    def _log_confidence(self, n_patches):
+        """The classifier's median p of the own class on the training clips (eq. 3 inverted:
+        p = 1 / (1 + exp(A))), and a warning where it is near chance."""
+        p = float(np.median(1 / (1 + np.exp(self._train_scores))))
+        steps = self.epochs * (n_patches // self.batch_size + (n_patches % self.batch_size > 1))
+        self.log(f"classifier: median p of the own {self.class_key} on the training clips "
+                 f"{p:.2f} after {steps} steps")
+        if p < 0.9:
+            self.log(f"warning: the classifier has not learnt its classes (p {p:.2f} < 0.9), "
+                     f"so eq. 3 ranks clips by little; give it more steps (--epochs, --lr) or "
+                     f"score with --score ae")
 
     def _scheduler(self, opt):
         """The paper: the lr halved every lr_step epochs (StepLR, stepped per epoch). The

@@ -207,6 +207,18 @@ def test_dropout_before_the_classifier_in_training_only():
     assert torch.equal(seen["head"], seen["cnn"])
 
 
+def test_fit_warns_when_the_classifier_is_near_chance():
+    """p = 1 / (1 + exp(A)) from eq. 3's A: A = 0 is p 1/2 (a warning), A = -log 19 is 0.95."""
+    for a, warned in ((0.0, True), (-math.log(19), False)):
+        lines = []
+        system = cai2021.Cai2021(year=2021, epochs=10, batch_size=32, log=lines.append)
+        system.class_key, system._train_scores = "section", np.full(5, a)
+        system._log_confidence(n_patches=70)             # 2 batches of 32 and one of 6
+        assert lines[0] == (f"classifier: median p of the own section on the training clips "
+                            f"{1 / (1 + math.exp(a)):.2f} after 30 steps")
+        assert any("warning" in line for line in lines) == warned
+
+
 SMALL = ["--width", "0.25", "--frames", "32", "--epochs", "20", "--lr", "1e-3",
          "--batch-size", "16", "--device", "cpu"]
 
