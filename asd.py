@@ -226,20 +226,7 @@ def fit_and_save(args, clips, model_dir, about):
     features.check_clips([c.path for c in clips], min_samples=system.min_samples, training=True,
                          log=args.log)
     t0 = time.time()
-    extra = {}
-    if "supplemental_clips" in inspect.signature(cls.fit).parameters:   # 2025's extra folder
-        extra["supplemental_clips"] = ([] if args.normal_dir else
-                                       shared_pool(args, "part", "supplemental"))
-    about["trained_on"], about["shared"] = data.clip_groups(fit_clips), None
-    if system.shared_pool and not args.normal_dir:
-        pool, _ = data.split_held_out(shared_pool(args, system.shared_pool),
-                                      args.threshold_holdout, seed=args.seed)
-        folder, shared, made = shared_model(args, system, pool, extra)
-        system.fit(fit_clips, model_dir, shared=shared)
-        about["shared"] = folder.relative_to(system_dir(args)).as_posix()
-        about["trained_on"] = merge_groups(made["trained_on"] + about["trained_on"])
-    else:
-        system.fit(fit_clips, model_dir, **extra)
+    fit_system(args, system, fit_clips, model_dir, about)
     # The official baselines fit the gamma to the training clips' own scores; a model that has
     # fitted those clips scores them lower than any new normal clip, so that threshold flags
     # most normal test clips. Held-out normals give the scores a new normal clip gets.
@@ -271,6 +258,25 @@ def fit_and_save(args, clips, model_dir, about):
         checkpoint.unlink()
     print(f"trained in {time.time() - t0:.1f} s; gamma threshold {threshold:.4g} "
           f"({args.threshold_quantile:g} quantile of {len(scores)} {source} scores)")
+
+
+def fit_system(args, system, fit_clips, model_dir, about):
+    """system.fit, from the network the year's machine types share where the system has one
+    (trained once: shared_model), else alone; about gets "trained_on" and "shared"."""
+    extra = {}
+    if "supplemental_clips" in inspect.signature(system.fit).parameters:   # 2025's extra folder
+        extra["supplemental_clips"] = ([] if args.normal_dir else
+                                       shared_pool(args, "part", "supplemental"))
+    about["trained_on"], about["shared"] = data.clip_groups(fit_clips), None
+    if system.shared_pool and not args.normal_dir:
+        pool, _ = data.split_held_out(shared_pool(args, system.shared_pool),
+                                      args.threshold_holdout, seed=args.seed)
+        folder, shared, made = shared_model(args, system, pool, extra)
+        system.fit(fit_clips, model_dir, shared=shared)
+        about["shared"] = folder.relative_to(system_dir(args)).as_posix()
+        about["trained_on"] = merge_groups(made["trained_on"] + about["trained_on"])
+    else:
+        system.fit(fit_clips, model_dir, **extra)
 
 
 def system_dir(args):

@@ -294,7 +294,8 @@ class Shinmura2020:
             self.log(f"model {i + 1}: embeddings collapsed; BatchNorm statistics recomputed")
             torch.optim.swa_utils.update_bn(
                 (self.normalise(x[j:j + self.batch_size])
-                 for j in range(0, len(x), self.batch_size)), net)
+                 for j in range(0, len(x), self.batch_size)
+                 if len(x) - j >= 2), net)        # as train.batches: no batch of one
         train.save(net.state_dict(), done)
         checkpoint.unlink(missing_ok=True)
         return net

@@ -212,3 +212,20 @@ def test_lock_refuses_or_waits_while_another_process_holds_it_and_dies_with_it(t
     killed.join(10)                                # the kernel frees a dead holder's lock
     with data.lock(path, what="model x", wait=False):
         pass
+
+
+def test_held_out_clips_of_a_folder_are_the_same_whatever_else_trains(tmp_path):
+    """A machine type's run and a run whose pool adds other folders hold out the same clips of
+    it: a shared model never trains on a clip another run fits its threshold to."""
+    synth.synthesize(tmp_path, year=2022, machines=["valve", "fan"], n_train=12, n_test=1)
+    listed = {(part, m): data.list_clips(data.part_dir(tmp_path, 2022, part), year=2022,
+                                         machine=m, split="train")
+              for part in ("dev", "eval") for m in ("valve", "fan")}
+    _, alone = data.split_held_out(listed["dev", "valve"], 0.1, seed=0)
+    fit, held = data.split_held_out([c for v in listed.values() for c in v], 0.1, seed=0)
+    assert len(alone) >= 2 and set(alone) <= set(held) and not set(fit) & set(held)
+    assert {c.path.parent for c in held} == {v[0].path.parent for v in listed.values()}
+    assert set(data.split_held_out(listed["dev", "valve"], 0.1, seed=1)[1]) != set(alone)
+    assert data.clip_groups(alone) == [{"machine": "valve", "part": "dev", "section": s,
+                                        "clips": sum(c.section == s for c in alone)}
+                                       for s in sorted({c.section for c in alone})]
