@@ -148,14 +148,20 @@ def numpy_rng(gen) -> np.random.Generator:
     return np.random.default_rng(int(torch.randint(2 ** 31, (1,), generator=gen, device=gen.device)))
 
 
-def mixup(x, gen, rng, *, alpha):
+def mixup(x, gen, rng, *, alpha, per_sample=False):
     """Mix each example with another of the same batch: lam * x + (1 - lam) * x[perm], one
     lam ~ Beta(alpha, alpha) (drawn from rng) for the batch, perm a permutation drawn from gen.
     The loss is mixed the same way: lam * loss(y) + (1 - lam) * loss(y[perm]).
-    x: (B, ...). Returns (mixed x (B, ...), perm (B,), lam)."""
-    lam = float(rng.beta(alpha, alpha))
+    per_sample: a lam of its own for each example (Wilkinghoff's mixup), returned as a (B,)
+    tensor on x's device; labels mix as lam[:, None] * y + (1 - lam[:, None]) * y[perm].
+    x: (B, ...). Returns (mixed x (B, ...), perm (B,), lam: a float or (B,))."""
+    if per_sample:
+        lam = torch.as_tensor(rng.beta(alpha, alpha, size=len(x)), dtype=x.dtype).to(x.device)
+        weight = lam.reshape(-1, *[1] * (x.dim() - 1))                 # (B, 1, ...)
+    else:
+        lam = weight = float(rng.beta(alpha, alpha))
     perm = torch.randperm(len(x), generator=gen, device=gen.device)
-    return lam * x + (1 - lam) * x[perm], perm, lam
+    return weight * x + (1 - weight) * x[perm], perm, lam
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,21 +207,34 @@ def fmix(x, gen, rng, *, alpha=1.0, decay=3.0):
 # as Midea 2024 uses them: time warping multiplies a class of a single clip, SMOTE then
 # over-samples the rare (target-domain) classes.
 
-def time_warp(x, gen, *, sigma=0.2, knots=4):
-    """Play each signal at a smoothly varying speed and keep its length: the speed at knots + 2
-    evenly spaced points is drawn from N(1, sigma) (floored at 0.1), linearly interpolated to
-    every sample; its running sum, scaled to span 0..n - 1, gives the time each output sample
-    reads (linear interpolation between neighbouring samples). sigma 0 is the identity.
-    x: (B, n). Returns (B, n)."""
-    b, n = x.shape
-    speed = 1 + sigma * torch.randn(b, knots + 2, generator=gen, device=x.device, dtype=x.dtype)
+def time_warp(spec, gen, *, hop, sigma=0.2, knots=4):
+    """Warp the time axis of complex STFTs at a smoothly varying speed and keep their length and
+    every bin's frequency: the speed at knots + 2 evenly spaced points is drawn from N(1, sigma)
+    (floored at 0.1) and linearly interpolated to every output frame; its running sum, scaled
+    to span 0..T - 1, is the input frame each output frame reads. Magnitudes are interpolated
+    between the two neighbouring input frames; phases advance, frame by frame, by each bin's
+    own phase advance over one hop where the frame reads (a phase vocoder: Flanagan & Golden
+    1966, librosa.phase_vocoder), so an inverse STFT gives a waveform whose tones keep their
+    pitch. (Warping the waveform instead shifts every frequency with the speed.) sigma 0 is the
+    identity. spec: complex (B, F, T) of n_fft = 2 (F - 1), hop `hop`. Returns (B, F, T)."""
+    b, n_freq, n = spec.shape
+    speed = 1 + sigma * torch.randn(b, knots + 2, generator=gen, device=gen.device).to(spec.device)
     speed = torch.nn.functional.interpolate(speed.clamp(min=0.1)[:, None], size=n, mode="linear",
-                                            align_corners=True)[:, 0]          # (B, n)
+                                            align_corners=True)[:, 0].double()  # (B, T)
     t = torch.cumsum(speed, dim=1) - speed[:, :1]                                # starts at 0
-    t = t * (n - 1) / t[:, -1:]                                                  # ends at n - 1
-    left = t.floor().long().clamp(max=n - 2)
-    frac = t - left
-    return torch.lerp(x.gather(1, left), x.gather(1, left + 1), frac)
+    t = t * (n - 1) / t[:, -1:]                                                  # ends at T - 1
+    left = t.floor().long().clamp(max=n - 2)[:, None].expand(-1, n_freq, -1)    # (B, F, T)
+    frac = (t[:, None] - left).to(spec.real.dtype)
+    mag = spec.abs()
+    mag = torch.lerp(mag.gather(2, left), mag.gather(2, left + 1), frac)
+    phase = spec.angle().double()                                               # (B, F, T)
+    bins = torch.arange(n_freq, dtype=torch.float64, device=spec.device)[:, None]
+    expected = 2 * torch.pi * hop * bins / (2 * (n_freq - 1))   # (F, 1) a bin's advance per hop
+    dev = phase.diff(dim=2) - expected
+    advance = expected + dev - 2 * torch.pi * torch.round(dev / (2 * torch.pi))  # (B, F, T - 1)
+    step = advance.gather(2, left)                                # (B, F, T) at the frame read
+    out = phase[..., :1] + torch.cumsum(step, dim=2) - step       # phase0 + sum of earlier steps
+    return torch.polar(mag.double(), out).to(spec.dtype)
 
 
 def smote(x, gen, *, n_new, k=5, space=None):

@@ -267,6 +267,27 @@ def stft(x, *, n_fft: int, hop: int, center: bool = True, pad_mode: str = "const
                      window=window).transpose(-1, -2)  # (..., n_fft // 2 + 1, n_frames)
 
 
+def istft(spec, *, hop: int, length: int) -> torch.Tensor:
+    """Inverse of stft(center=True), as librosa.istft: each frame's irfft, Hann-windowed again,
+    overlap-added, divided by the overlapped squared window (the least-squares inverse), the
+    n_fft // 2 centre padding cut off. spec: complex (..., n_fft // 2 + 1, n_frames).
+    Returns (..., length), zero-padded where the frames end sooner."""
+    n_fft = 2 * (spec.shape[-2] - 1)
+    lead, n_frames = spec.shape[:-2], spec.shape[-1]
+    window = _hann(n_fft, dtype=spec.real.dtype, device=spec.device)
+    frames = torch.fft.irfft(spec.transpose(-1, -2), n=n_fft) * window  # (..., T, n_fft)
+    total = n_fft + hop * (n_frames - 1)
+
+    def overlap_add(cols):                                     # (N, n_fft, T) -> (N, total)
+        return torch.nn.functional.fold(cols, (1, total), (1, n_fft), stride=(1, hop))[:, 0, 0]
+    y = overlap_add(frames.reshape(-1, n_frames, n_fft).transpose(1, 2))
+    norm = overlap_add((window ** 2)[None, :, None].expand(1, n_fft, n_frames))   # (1, total)
+    y = y / torch.where(norm > 1e-10, norm, 1.0)
+    y = torch.nn.functional.pad(y[:, n_fft // 2:n_fft // 2 + length],
+                                (0, max(0, length - (total - n_fft // 2))))
+    return y.reshape(*lead, length)                                     # (..., length)
+
+
 def _spectrum(x, *, n_fft: int, hop: int, center: bool = True, pad_mode: str = "constant",
               window: str = "hann", scratch: bool = False) -> torch.Tensor:
     """stft in frame order: complex (..., n_frames, n_fft // 2 + 1). scratch: the frames are

@@ -148,6 +148,77 @@ def test_lr_halves_every_step_and_the_schedule_resumes(tmp_path):
     assert run(8, tmp_path / "b.pt") == full[4:]       # epochs 1-4 saved: resumes at 5
 
 
+def test_lr_schedule_per_iteration_is_the_authors_multistep():
+    """--lr-schedule iteration: halved after lr_step, 2 lr_step and 3 lr_step batches, then
+    kept (the authors' MultiStepLR([30, 60, 90]) stepped per batch); epoch: StepLR."""
+    system = cai2021.Cai2021(year=2021, lr_schedule="iteration", lr_step=3)
+    opt = torch.optim.Adam(torch.nn.Linear(2, 1).parameters(), lr=1.0)
+    sched, lrs = system._scheduler(opt), []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step(), sched.step()
+    assert lrs == [1.0] * 3 + [0.5] * 3 + [0.25] * 3 + [0.125] * 3
+    epoch = cai2021.Cai2021(year=2021, lr_step=3)._scheduler(opt)
+    assert isinstance(epoch, torch.optim.lr_scheduler.StepLR) and epoch.step_size == 3
+    with pytest.raises(ValueError, match="valid: epoch, iteration"):
+        cai2021.Cai2021(year=2021, lr_schedule="batch")
+
+
+def small_cai(**options):
+    system = cai2021.Cai2021(year=2021, width=0.25, frames=32, **options)
+    system.net = system.network(2)
+    return system
+
+
+def test_contrastive_weight_scales_eq4_in_eq5():
+    """Eq. 5 with weight w: MSE + CE + w * eq. 4, eq. 4 computed here from the projections."""
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 128, 32), torch.tensor([0, 1, 0, 1])
+    totals = {}
+    for w in (0.0, 1.0, 0.0005):
+        system = small_cai(contrastive_weight=w, dropout=0.0)
+        system.net.eval()                     # BatchNorm's running statistics: the same pass
+        totals[w] = system.joint_loss(x, y, y, 1.0).item()
+    with torch.no_grad():
+        net = system.net
+        v_ae, v_cnn = net["ae"].encoder(x.flatten(1)), net["cnn"](x.unsqueeze(1))
+        p, u = net["projection"](v_ae, v_cnn)
+        eq4 = float(losses.contrastive_loss(u, p, temperature=0.07))
+    assert totals[1.0] == pytest.approx(totals[0.0] + eq4, rel=1e-5)
+    assert totals[0.0005] == pytest.approx(totals[0.0] + 0.0005 * eq4, rel=1e-5)
+
+
+def test_dropout_before_the_classifier_in_training_only():
+    """Dropout 0.5: in training each CNN feature reaches the classifier zeroed or doubled; in
+    evaluation (eq. 3's scores) unchanged."""
+    torch.manual_seed(0)
+    system = small_cai()
+    seen = {}
+    system.net["cnn"].register_forward_hook(lambda m, i, out: seen.update(cnn=out))
+    system.net["head"].register_forward_pre_hook(lambda m, i: seen.update(head=i[0]))
+    x, y = torch.randn(4, 128, 32), torch.tensor([0, 1, 0, 1])
+    system.net.train()
+    system.joint_loss(x, y, y, 1.0)
+    kept = seen["head"] != 0
+    assert torch.allclose(seen["head"][kept], 2 * seen["cnn"][kept])
+    assert 0.4 < kept.float().mean() < 0.6
+    system.net.eval()
+    system.joint_loss(x, y, y, 1.0)
+    assert torch.equal(seen["head"], seen["cnn"])
+
+
+def test_fit_warns_when_the_classifier_is_near_chance():
+    """p = 1 / (1 + exp(A)) from eq. 3's A: A = 0 is p 1/2 (a warning), A = -log 19 is 0.95."""
+    for a, warned in ((0.0, True), (-math.log(19), False)):
+        lines = []
+        system = cai2021.Cai2021(year=2021, epochs=10, batch_size=32, log=lines.append)
+        system.class_key, system._train_scores = "section", np.full(5, a)
+        system._log_confidence(n_patches=70)             # 2 batches of 32 and one of 6
+        assert lines[0] == (f"classifier: median p of the own section on the training clips "
+                            f"{1 / (1 + math.exp(a)):.2f} after 30 steps")
+        assert any("warning" in line for line in lines) == warned
+
+
 SMALL = ["--width", "0.25", "--frames", "32", "--epochs", "20", "--lr", "1e-3",
          "--batch-size", "16", "--device", "cpu"]
 

@@ -226,12 +226,67 @@ def test_jless2022_same_seed_same_scores(trained):
     assert again.read_text() == first.read_text()
 
 
+def test_batch_mixing_takes_the_target_patches_own_share_or_the_flags():
+    gen = torch.Generator().manual_seed(0)
+    is_target = torch.zeros(100, dtype=torch.bool)
+    is_target[:3] = True                                   # 3 % target: 0.96 of 32, so 1
+    system = jless2022.Jless2022(year=2022)
+    assert system.batch_target_share(is_target) == pytest.approx(0.03)
+    assert all(int(is_target[b].sum()) == 1 for b in system._batches(is_target, gen))
+    is_target[:30] = True                                  # 30 %: 9.6 of 32, so 10
+    full = [b for b in system._batches(is_target, gen) if len(b) == 32]
+    assert full and all(int(is_target[b].sum()) == 10 for b in full)
+    flagged = jless2022.Jless2022(year=2022, target_share=0.25)  # a quarter of 32: 8
+    full = [b for b in flagged._batches(is_target, gen) if len(b) == 32]
+    assert full and all(int(is_target[b].sum()) == 8 for b in full)
+
+
+class TwoNumbers(torch.nn.Module):
+    """A stand-in network whose embedding of a patch is its first two values."""
+    embedding_dim = 2
+
+    def forward(self, x):
+        return x.flatten(1)[:, :2]
+
+
+def test_l2_normalise_scales_each_patch_embedding_before_the_clip_mean():
+    # clip 0: patches (3, 4) and (0, 2) -> unit (0.6, 0.8) and (0, 1), mean (0.3, 0.9);
+    # raw: (1.5, 3); clip 1: (1, 0) either way
+    x = torch.tensor([[[3.0, 4.0]], [[0.0, 2.0]], [[1.0, 0.0]]])          # (3, 1, 2)
+    owner = torch.tensor([0, 0, 1])
+    for flag, clip0 in ((True, [0.3, 0.9]), (False, [1.5, 3.0])):
+        system = jless2022.Jless2022(year=2022, l2_normalise=flag)
+        system.recipe = dict(model="mfn")
+        system.net, system.head = TwoNumbers(), torch.nn.Linear(2, 3)
+        emb, logits, _ = system._outputs(x, owner, 2)
+        assert torch.allclose(emb, torch.tensor([clip0, [1.0, 0.0]]))
+        assert len(logits) == 2 and logits[0].shape == (2, 3)
+
+
+def test_dpt_id_loss_sees_the_unmasked_input_it_is_scored_on():
+    system = jless2022.Jless2022(year=2022, model="dpt", loss="focal", augment=["none"],
+                                 n_mels=16, mel_frames=16, dpt_dim=16, dpt_depth=1,
+                                 dpt_heads=2, dpt_tile=(4, 4))
+    system.recipe = system.resolve("bearing", 2)
+    system.build(2)
+    seen, id_loss = [], system._id_loss
+    system._id_loss = lambda emb, y: seen.append(emb) or id_loss(emb, y)
+    x, y = torch.randn(4, 16, 16), torch.tensor([0, 1, 0, 1])
+    system.net.eval()                  # the same forward pass in both calls below
+    system._loss(x, y, torch.Generator().manual_seed(0), np.random.default_rng(0))
+    unmasked, _ = system.net(x)
+    masked, _ = system.net(x, torch.ones(4, *system.net.grid, dtype=torch.bool))
+    assert torch.allclose(seen[0], unmasked) and not torch.allclose(seen[0], masked)
+
+
 def test_dev_runs_train_on_the_additional_sections_or_say_they_are_missing(tmp_path, capsys):
     """Table 3 trains on sections 0-5: a 2022 dev run takes eval_data/<m>/train (synth: 03, 04)
     beside dev's 00, 01; without that folder it trains on 00, 01 and says what is missing."""
     synth.synthesize(tmp_path / "data", year=2022, machines=["valve"], n_train=8, n_test=1)
+    # --target-share 0.25: with the default (the target clips' own share, 2 of 16) these
+    # 3-epoch quick runs on 14 clips collapsed (equal held-out scores) once eval_data was gone
     run = ["train", *jless_run(tmp_path, "valve"), "--quick", "--epochs", "3", "--device", "cpu",
-           "--threads", "1"]
+           "--threads", "1", "--target-share", "0.25"]
     trained_on = tmp_path / "runs/dcase2022/jless2022/dev/models/valve/model.json"
     assert asd.main(run) == 0
     groups = json.loads(trained_on.read_text())["trained_on"]

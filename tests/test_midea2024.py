@@ -118,16 +118,83 @@ def test_smote_samples_lie_on_segments_between_same_class_neighbours():
         augment.smote(x[:1], gen, n_new=3)
 
 
-def test_time_warping_keeps_the_length_and_is_the_identity_at_zero_warp():
+def test_istft_inverts_stft_as_librosa_does():
+    import librosa
+    x = torch.randn(2, 5000)
+    for hop in (256, 512):
+        spec = features.stft(x, n_fft=1024, hop=hop)
+        y = features.istft(spec, hop=hop, length=5000)
+        assert torch.allclose(y, x, atol=1e-5)
+        ref = librosa.istft(spec[0].numpy(), hop_length=hop, n_fft=1024, window="hann",
+                            center=True, length=5000)
+        assert np.allclose(y[0].numpy(), ref, atol=1e-5)
+
+
+def test_time_warping_keeps_a_pure_tones_frequency_and_moves_its_envelope_in_time():
+    """Hand case: the STFT bin 65 of a tone at that bin's frequency, its amplitude ramping
+    1, 2, .., T, its phase advancing 2 pi 65 hop / n_fft = 65 pi / 2 per hop. Warped (sigma
+    0.2), its envelope still rises from 1 to T but reaches each value at another frame, and
+    its phase still advances 65 pi / 2 per frame: the same frequency. End to end: a 1 kHz tone
+    warped and turned back into a waveform keeps its power within 1 kHz +- 50 Hz (the waveform
+    warp this replaced spread it over about 680-1370 Hz)."""
+    n_fft, hop, n_frames, k = 1024, 256, 126, 65
+    mag = torch.arange(1.0, n_frames + 1).repeat(6, 1)                    # (6, T)
+    advance = 2 * math.pi * k * hop / n_fft
+    spec = torch.zeros(6, n_fft // 2 + 1, n_frames, dtype=torch.complex64)
+    spec[:, k] = torch.polar(mag, advance * torch.arange(n_frames).float())
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 1000)
-    assert torch.equal(augment.time_warp(x, gen, sigma=0.0), x)
-    ramp = torch.arange(1000.0).repeat(4, 1)
-    warped = augment.time_warp(ramp, gen, sigma=0.3)
-    assert warped.shape == ramp.shape
-    assert (warped.diff(dim=1) > 0).all()                   # time runs forward, never back
-    assert torch.allclose(warped[:, [0, -1]], ramp[:, [0, -1]])   # same start and end
-    assert (warped - ramp).abs().max() > 10                # and it did warp
+    assert torch.allclose(augment.time_warp(spec, gen, hop=hop, sigma=0.0), spec, atol=1e-4)
+    warped = augment.time_warp(spec, gen, hop=hop, sigma=0.2)
+    assert warped.shape == spec.shape
+    env = warped[:, k].abs()
+    assert (env.diff(dim=1) >= -1e-4).all()                  # time runs forward, never back
+    assert torch.allclose(env[:, [0, -1]], mag[:, [0, -1]])              # same start and end
+    assert ((env - mag).abs().amax(dim=1) > 1).all()             # and it warped (> 1 frame)
+    turn = warped[:, k, 1:] * warped[:, k, :-1].conj()                   # phase step per frame
+    assert torch.allclose(turn.angle(), torch.full_like(env[:, 1:], advance % (2 * math.pi)),
+                          atol=1e-3)
+    sr, n = 16000, 32000
+    x = torch.sin(2 * math.pi * 1000 * torch.arange(n) / sr).repeat(6, 1)    # (6, n)
+    y = features.istft(augment.time_warp(features.stft(x, n_fft=n_fft, hop=hop), gen, hop=hop,
+                                         sigma=0.2), hop=hop, length=n)
+    power = torch.fft.rfft(y).abs() ** 2                                  # (6, n / 2 + 1)
+    hz = torch.fft.rfftfreq(n, 1 / sr)
+    near = power[:, (hz > 950) & (hz < 1050)].sum(1) / power.sum(1)
+    assert (near > 0.99).all(), near
+
+
+def test_mixup_per_sample_gives_each_clip_its_own_weight():
+    x = torch.tensor([[0.0, 0.0], [10.0, 10.0], [20.0, 20.0], [30.0, 30.0]])
+    gen = torch.Generator().manual_seed(0)
+    mixed, perm, lam = augment.mixup(x, gen, np.random.default_rng(3), alpha=1.0,
+                                     per_sample=True)
+    expected_lam = np.random.default_rng(3).beta(1.0, 1.0, size=4)   # the same draws
+    assert lam.shape == (4,) and np.allclose(lam.numpy(), expected_lam)
+    assert len(set(lam.tolist())) == 4                               # four weights, not one
+    for i in range(4):                                               # by hand, row by row
+        assert torch.allclose(mixed[i], lam[i] * x[i] + (1 - lam[i]) * x[perm[i]])
+
+
+def test_fixed_subcluster_centres_receive_no_gradient():
+    """Wilkinghoff's centres stay at their random start (midea2024's default); learnt ones
+    (--learn-centres) get a gradient. The network's own weights learn either way."""
+    assert not midea2024.Midea2024.__init__.__kwdefaults__["learn_centres"]
+    for trainable in (False, True):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(6, 4)
+        head = losses.SubClusterAdaCos(4, 3, 2, trainable=trainable)
+        start = head.weight.detach().clone()
+        y = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 1]), 3).float()
+        params = [p for m in (net, head) for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=0.1)
+        for _ in range(3):
+            loss = -(y * head(net(torch.randn(4, 6)), y)).sum(1).mean()
+            opt.zero_grad(), loss.backward(), opt.step()
+        assert net.weight.grad is not None and net.weight.grad.abs().sum() > 0
+        if trainable:
+            assert not torch.equal(head.weight, start)
+        else:
+            assert head.weight.grad is None and torch.equal(head.weight, start)
 
 
 def test_kmeans_matches_scikit_learn_and_its_pseudo_labels_separate_two_clusters():
@@ -229,6 +296,28 @@ def test_2023_and_2025_layouts_reach_the_auc_bar_in_both_domains(tmp_path, year,
         assert "10 supplemental clips join the training pool" in lines
     aucs = domain_aucs(system, test)
     assert min(aucs.values()) >= 0.8, aucs
+
+
+def test_ensemble_scores_are_the_mean_of_its_members(tmp_path):
+    """--ensemble 2: member 1 is the single model of the same seed (same start, same draws),
+    member 2 another network; a clip's score is the mean of the two members' cosine distances."""
+    synth.synthesize(tmp_path, year=2023, machines=["valve"], n_train=8, n_test=4,
+                     n_attributes=2, eval_part=False)
+    folder = data.part_dir(tmp_path, 2023, "dev")
+    train = data.list_clips(folder, year=2023, machine="valve", split="train")
+    test = data.list_clips(folder, year=2023, machine="valve", split="test")
+    small = {**TINY, "epochs": 1}
+    one = midea2024.Midea2024(year=2023, **small, log=lambda line: None)
+    one.fit(train, tmp_path / "one")
+    two = midea2024.Midea2024(year=2023, **small, ensemble=2, log=lambda line: None)
+    two.fit(train, tmp_path / "two")
+    for a, b in zip(one.nets[0].state_dict().values(), two.nets[0].state_dict().values()):
+        assert torch.equal(a, b)
+    emb = two.embed(two.waves(test), two.nets[1])
+    second = torch.cat([two.references[c.section][1].score(emb[i:i + 1])
+                        for i, c in enumerate(test)]).numpy()
+    assert not np.allclose(second, one.score(test))               # another network
+    assert np.allclose(two.score(test), (one.score(test) + second) / 2)
 
 
 def midea_run(tmp, machine, out="runs"):
