@@ -77,24 +77,22 @@ PRETRAIN_BATCH = 64
 # (52 real clips: ~24 updates, 8% left) the leftover variance swamps the real one and in eval
 # mode every embedding shrinks towards one point. Where some layer keeps more than this share
 # of its start (at momentum 0.1: fewer than 44 updates), the statistics are recomputed over the
-# training clips (--recompute-bn auto). Not sooner (1e-3: 66 updates), because exact statistics
-# score below chance on a short run, and that is not a fault of the recomputation: statistics
-# that settle by themselves score as badly. Synthetic 2020 valve, one model per ID, AUC ID 00 /
-# 02, tests/test_shinmura.py's SMALL settings with --recompute-bn never, the same members
-# re-scored with their statistics changed:
-#   50 updates:  as trained 0.94 / 0.81; recomputed 0.21 / 0.50; as trained less its leftover
-#                start (debiased) 0.22 / 0.35; recomputed plus that start (0.9^50 = 0.005 of
-#                variance 1) 0.97 / 0.88; recomputed with eps 1e-2 0.97 / 0.85
-#   180 updates (60 epochs; nothing left of the start): as trained 0.21 / 0.46; recomputed
-#                0.42 / 0.29; recomputed with eps 5e-3 0.92 / 0.83, with 1e-2 0.97 / 0.84
-# So a short run's good score comes from the leftover start, which acts as a variance floor
-# (like an eps of ~5e-3). The deep depthwise layers' variance is ~1e-3, at eps: PyTorch's He
-# initialisation counts all 9C outputs of a depthwise 3x3 filter (std sqrt(2/9C)), as Keras'
-# glorot counts its 9C inputs, and at lr 1e-4 a few hundred steps barely move them. Those layers
-# are not the whole cause: with a per-filter He start (no layer's variance below 0.07), 50
-# updates recomputed still give 0.08 / 0.54, and eps 1e-2 0.95 / 0.96. The author ran ~3,000
-# updates with Keras' BatchNorm momentum 0.999, whose statistics keep ~5% of their start (a
-# floor of ~0.05); at our small sets' ~50 updates that momentum would leave 95% of it, so we keep
+# training clips (--recompute-bn auto). Not sooner (1e-3: 66 updates): on short runs exact
+# statistics are no better than trained ones, and the recomputation has no fault of its own:
+# statistics that settle by themselves score the same way. Synthetic 2020 valve, one model per
+# ID, tests/test_shinmura.py's SMALL settings with --recompute-bn never, the same members
+# re-scored with their statistics changed (AUC ID 00 / 02):
+#   50 updates: as trained 0.94 / 0.81, less their leftover start (0.9^50 of variance 1, 0.005)
+#               0.22 / 0.35; recomputed 0.21 / 0.50, plus that start 0.97 / 0.88
+#   180 updates (60 epochs, no start left): as trained 0.21 / 0.46, recomputed 0.42 / 0.29;
+#               at lr 1e-3 as trained 0.38 / 0.56, recomputed 0.77 / 0.83
+#   any of these recomputed with eps 5e-3 to 1e-2: 0.86-0.97 / 0.62-0.85
+# A short run's score swings with its normalisation, either way, and a variance floor (the
+# leftover start, or a larger eps) steadies it. The deep depthwise layers' variance is ~1e-3,
+# at eps: PyTorch's He initialisation counts all 9C outputs of a depthwise 3x3 filter (std
+# sqrt(2/9C)), as Keras' glorot counts its 9C inputs, and a few hundred steps barely move them.
+# The author ran ~3,000 updates with Keras' BatchNorm momentum 0.999, which leaves ~5% of the
+# start (a floor of ~0.05); at our small sets' ~50 updates it would leave 95%, so we keep
 # PyTorch's 0.1 and the author's eps, keep the statistics as trained where they are mostly
 # settled, and recompute them only where they are mostly their start.
 BN_RESIDUE = 1e-2
