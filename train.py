@@ -11,7 +11,8 @@ module only draws the batches and keeps the checkpoints around it:
 Every random draw comes from the torch.Generator the system passes in, and its state is saved
 with the model and optimiser after every epoch, so an interrupted run resumes with the same
 random stream and ends with the same weights as an uninterrupted one. `domain_mixed_batches`
-is JLESS 2022's batch mixing: source and target examples in every batch.
+is JLESS 2022's batch mixing: source and target examples in every batch. `recompute_bn` gives
+BatchNorm layers their training data's statistics where a short training left them unsettled.
 """
 import contextlib
 import io
@@ -42,7 +43,7 @@ def domain_mixed_batches(is_target, size, gen, *, target_share=0.25):
     target examples taken in turn from a shuffled order of the target examples (reshuffled
     when used up). Without target examples these are `batches` over all of them.
     is_target: (N,) bool tensor on the generator's device. Yields (B,) int64 index tensors.
-    The paper gives no share: a quarter is our choice (see systems/jless2022.py)."""
+    The paper gives no share: jless2022 passes the target examples' own share of the data."""
     source, target = (~is_target).nonzero().flatten(), is_target.nonzero().flatten()
     if len(target) == 0:
         yield from batches(len(is_target), size, gen)
@@ -57,6 +58,46 @@ def domain_mixed_batches(is_target, size, gen, *, target_share=0.25):
         idx = torch.cat([order[start:start + size - n_t], queue[:n_t]])
         queue = queue[n_t:]
         yield idx
+
+
+# A BatchNorm layer's running statistics are an exponential average started at mean 0 and
+# variance 1: after n updates at momentum 0.1, 0.9^n of that start remains. Where the real
+# variance is smaller than that leftover, eval mode shrinks the differences between inputs at
+# every layer, and after a few dozen layers every embedding is one point (shinmura2020 on 52
+# real clips; jless2022's 3-update smoke run: the clips' standard deviation 0.25 after the
+# first layer, 2e-5 after the last, against 0.5-1.0 in training mode). A system recomputes the
+# statistics where some layer still holds more than BN_RESIDUE of its start (at momentum 0.1:
+# fewer than 44 updates); on the papers' sets every layer has seen thousands of updates and
+# nothing changes. Not sooner: on short runs exact statistics score no better than the trained
+# ones (systems/shinmura2020.py gives the measurements).
+BN_RESIDUE = 1e-2
+
+
+def batchnorms(net):
+    return [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def bn_updates(net):
+    """The fewest running-statistics updates of any BatchNorm layer of net (None: it has none)."""
+    return min((int(m.num_batches_tracked) for m in batchnorms(net)), default=None)
+
+
+def bn_unsettled(net, residue=BN_RESIDUE):
+    """True when some BatchNorm layer's running statistics still hold more than `residue` of
+    their start (mean 0, variance 1): (1 - momentum) ** num_batches_tracked > residue."""
+    return any(m.momentum is not None and (1 - m.momentum) ** int(m.num_batches_tracked) > residue
+               for m in batchnorms(net))
+
+
+def recompute_bn(net, x, size, prepare=lambda xb: xb):
+    """BatchNorm statistics as plain averages (SWA's update_bn) over x, in batches of `size`
+    passed through prepare, none of one (it could not be normalised); a single example gives
+    none, and the statistics are left as trained."""
+    ends = list(range(0, len(x), size)) + [len(x)]
+    if len(ends) > 2 and ends[-1] - ends[-2] == 1:
+        del ends[-2]
+    if len(x) > 1:
+        torch.optim.swa_utils.update_bn((prepare(x[a:b]) for a, b in zip(ends, ends[1:])), net)
 
 
 def step(opt, loss):

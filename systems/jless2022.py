@@ -20,7 +20,9 @@ used in the ensemble submission; every part can also be chosen by its flag.
 Our choices where the report is silent, each said where it is made: the training settings
 (Adam, lr 1e-3, batches of 32, 20 epochs), a patch every 32 frames, the target domain's own
 share of the data in each batch (at least one patch; --target-share for more), LOF on the raw
-embeddings (--l2-normalise: unit length first), mixup's alpha 0.2, one of the recipe's augmentations per batch,
+embeddings (--l2-normalise: unit length first), BatchNorm statistics recomputed over the
+training patches where training gave some layer fewer than 44 updates (--recompute-bn; never
+at the report's sizes), mixup's alpha 0.2, one of the recipe's augmentations per batch,
 ArcFace's s 64 and m 0.5 and focal gamma 2 (their papers' values), the DPT's sizes, how the
 log-softmax and the MSE are combined, and the classes and recipe where a machine type has one
 section (OTHER, OTHER_ONE_CLASS).
@@ -150,6 +152,11 @@ class Jless2022:
                            default=False, help="scale each patch embedding to unit length "
                            "before the clip mean that LOF and cosine see (ArcFace trains only "
                            "their direction; the report is silent)")
+        group.add_argument("--recompute-bn", default="auto", choices=("auto", "always", "never"),
+                           help="recompute BatchNorm statistics over the training patches after "
+                                "training; auto: only where some BatchNorm layer had too few "
+                                "updates to forget its start (train.BN_RESIDUE; the report is "
+                                "silent, and at its sizes auto never fires)")
         group.add_argument("--dpt-tile", type=int, nargs=2, default=[8, 8],
                            help="DPT tile, bins x frames (our choice)")
         for flag, default, about in NUMBERS:
@@ -159,7 +166,7 @@ class Jless2022:
                  cache_dir=None, log=print, feature="auto", model="auto", loss="auto",
                  augment=("auto",), detector="auto", classes="auto", n_fft=1024, hop=512,
                  n_mels=128, mel_frames=64, stft_bins=512, stft_frames=32, patch_hop=32,
-                 batch_mixing=True, target_share=None, l2_normalise=False,
+                 batch_mixing=True, target_share=None, l2_normalise=False, recompute_bn="auto",
                  mixup_alpha=0.2, fmix_alpha=1.0,
                  fmix_decay=3.0, arcface_scale=64.0, arcface_margin=0.5, focal_gamma=2.0,
                  lof_neighbors=4, mfn_width=1.0, embedding_dim=128, dpt_dim=64, dpt_depth=2,
@@ -184,7 +191,7 @@ class Jless2022:
             stft=dict(n_fft=n_fft, hop=hop, n_bins=stft_bins, pad_mode=pad),
             frames=dict(logmel=mel_frames, stft=stft_frames), patch_hop=patch_hop)
         self.batch_mixing, self.target_share = batch_mixing, target_share
-        self.l2_normalise = l2_normalise
+        self.l2_normalise, self.recompute_bn = l2_normalise, recompute_bn
         self.mixup_alpha, self.fmix_alpha, self.fmix_decay = mixup_alpha, fmix_alpha, fmix_decay
         self.arcface = dict(scale=arcface_scale, margin=arcface_margin)
         self.focal_gamma, self.lof_neighbors = focal_gamma, lof_neighbors
@@ -303,7 +310,21 @@ class Jless2022:
             rng = augment.numpy_rng(gen)                         # the Beta draws of the epoch
             for idx in self._batches(is_target, gen):
                 epoch.add(train.step(opt, self._loss(x[idx], labels[idx], gen, rng)), len(idx))
+        self._settle_batchnorm(x)
         self._fit_detectors(clips, x, owner)
+
+    def _settle_batchnorm(self, x):
+        """--recompute-bn: after few updates (a small set: BLDC's 40 clips give 40 in 20
+        epochs; the 2022 dev set thousands) the running statistics still hold much of their
+        start, and in eval mode MobileFaceNet maps every clip to almost one point (train.
+        BN_RESIDUE); they are then recomputed over the training patches, unaugmented, as they
+        are scored (the DPT has no BatchNorm)."""
+        if not train.batchnorms(self.net) or self.recompute_bn == "never" or (
+                self.recompute_bn == "auto" and not train.bn_unsettled(self.net)):
+            return
+        self.log(f"BatchNorm statistics recomputed over the training patches (fewest updates "
+                 f"of a layer: {train.bn_updates(self.net)})")
+        train.recompute_bn(self.net, x[:, None], self.batch_size)
 
     def _batches(self, is_target, gen):
         if self.batch_mixing:

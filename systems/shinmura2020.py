@@ -95,7 +95,7 @@ PRETRAIN_BATCH = 64
 # start (a floor of ~0.05); at our small sets' ~50 updates it would leave 95%, so we keep
 # PyTorch's 0.1 and the author's eps, keep the statistics as trained where they are mostly
 # settled, and recompute them only where they are mostly their start.
-BN_RESIDUE = 1e-2
+BN_RESIDUE = train.BN_RESIDUE                 # 1e-2, shared with jless2022
 # BatchNorm's epsilon as the author's Keras MobileNetV2 (model.json: 1e-3), not PyTorch's 1e-5:
 # with exact statistics (recomputed, or settled), a channel whose variance is below ~1e-3 is
 # blown up to unit variance at 1e-5 and its noise fills the embedding. On a synthetic 2020 valve
@@ -358,9 +358,9 @@ class Shinmura2020:
                 loss = F.cross_entropy(head(emb, y), y)
                 epoch.add(train.step(opt, loss), len(idx))
         if self.recompute_bn == "always" or (self.recompute_bn == "auto" and
-                                             bn_unsettled(net)):      # see BN_RESIDUE
+                                             train.bn_unsettled(net, BN_RESIDUE)):
             self.log(f"model {i + 1}: BatchNorm statistics recomputed over the training clips "
-                     f"(fewest updates of a layer: {bn_updates(net)})")
+                     f"(fewest updates of a layer: {train.bn_updates(net)})")
             self._recompute_bn(net, x)
         train.save(net.state_dict(), done)
         checkpoint.unlink(missing_ok=True)
@@ -369,12 +369,7 @@ class Shinmura2020:
     def _recompute_bn(self, net, x):
         """BatchNorm statistics as plain averages (SWA's update_bn) over the normal training
         images, in batches of the training's size, none of one (BN_EPS, BN_RESIDUE)."""
-        ends = list(range(0, len(x), self.batch_size)) + [len(x)]
-        if len(ends) > 2 and ends[-1] - ends[-2] == 1:
-            del ends[-2]
-        if len(x) > 1:                             # a single clip gives none: left as trained
-            torch.optim.swa_utils.update_bn(
-                (self.normalise(x[a:b]) for a, b in zip(ends, ends[1:])), net)
+        train.recompute_bn(net, x, self.batch_size, self.normalise)
 
     def _anomalies(self, net, head, normal, gen):
         """Generated anomalies for a batch: hard samples (3.3) or one per normal clip."""
@@ -445,22 +440,6 @@ class Shinmura2020:
         for u, ws in state["members"].items():
             for net, weights in zip(self.members[u], ws):
                 net.load_state_dict(weights)
-
-
-def _batchnorms(net):
-    return [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-
-
-def bn_updates(net):
-    """The fewest running-statistics updates of any BatchNorm layer of net."""
-    return min(int(m.num_batches_tracked) for m in _batchnorms(net))
-
-
-def bn_unsettled(net, residue=BN_RESIDUE):
-    """True when some BatchNorm layer's running statistics still hold more than `residue` of
-    their start (mean 0, variance 1): (1 - momentum) ** num_batches_tracked > residue."""
-    return any(m.momentum is not None and (1 - m.momentum) ** int(m.num_batches_tracked) > residue
-               for m in _batchnorms(net))
 
 
 def select_hard(candidates, p_anomaly, k):

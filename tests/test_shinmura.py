@@ -19,6 +19,7 @@ import losses
 import models
 import scoring
 import synth
+import train
 from systems import shinmura2020
 
 
@@ -153,15 +154,15 @@ def test_batchnorm_statistics_are_unsettled_until_their_start_has_faded():
     0.9^44 = 9.7e-3 (faded); a cumulative (momentum None) layer has no start left to fade."""
     net = models.MobileNetV2(width=0.25)
     layers = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert shinmura2020.bn_unsettled(net) and shinmura2020.bn_updates(net) == 0   # fresh
+    assert train.bn_unsettled(net) and train.bn_updates(net) == 0   # fresh
     for n, unsettled in ((43, True), (44, False)):
         for m in layers:
             m.num_batches_tracked.fill_(n)
-        assert shinmura2020.bn_unsettled(net) is unsettled
+        assert train.bn_unsettled(net) is unsettled
     layers[5].num_batches_tracked.fill_(10)                      # one layer is enough
-    assert shinmura2020.bn_unsettled(net) and shinmura2020.bn_updates(net) == 10
+    assert train.bn_unsettled(net) and train.bn_updates(net) == 10
     layers[5].momentum = None
-    assert not shinmura2020.bn_unsettled(net)
+    assert not train.bn_unsettled(net)
 
 
 def test_select_hard_keeps_the_least_anomalous_candidates():
