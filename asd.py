@@ -86,7 +86,10 @@ def start_torch(seed, threads, release_memory=False):
     np.random.seed(seed)
     torch.manual_seed(seed)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # needed for determinism on CUDA
-    torch.use_deterministic_algorithms(True)
+    # torch.use_deterministic_algorithms(True) without its first line, which imports the
+    # inductor compiler's config only to set its flag: 2.1 s of every command's start in torch
+    # 2.13, for a compiler nothing here uses
+    torch._C._set_deterministic_algorithms(True)
 
 
 # glibc's malloc settings (mallopt(3), malloc.h): M_MMAP_MAX 0 serves every block from the heap

@@ -47,7 +47,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import scipy.signal
 import soundfile as sf
 import torch
 
@@ -635,6 +634,7 @@ PANNS_AMIN = 1e-10    # power floor of PANNs' power_to_db (-100 dB)
 def resample(x, *, sr_in: int, sr_out: int) -> torch.Tensor:
     """x: (..., n) at sr_in Hz -> (..., n * sr_out / sr_in) at sr_out Hz, by
     scipy.signal.resample_poly (polyphase, Kaiser-windowed low-pass), on x's device and dtype."""
+    import scipy.signal       # here, not at the top: its import is 1.7 s of every command's start
     x = _as_signal(x)
     g = math.gcd(sr_in, sr_out)
     y = scipy.signal.resample_poly(x.cpu().numpy(), sr_out // g, sr_in // g, axis=-1)
@@ -792,6 +792,7 @@ FLOAT32_EPS = float(np.finfo(np.float32).eps)     # 1.19e-7, Kaldi fbank's log f
 @functools.lru_cache(maxsize=8)
 def _poly_taps(up: int, down: int) -> tuple:
     """scipy.signal.resample_poly's filter and alignment: (taps, samples removed at the start)."""
+    import scipy.signal       # here, not at the top (resample)
     half = 10 * max(up, down)
     taps = scipy.signal.firwin(2 * half + 1, 1.0 / max(up, down), window=("kaiser", 5.0)) * up
     pre = down - half % down                          # zeros put before the taps
