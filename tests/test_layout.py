@@ -78,6 +78,19 @@ def test_commands_that_train_nothing_do_not_import_torch():
     assert "shinmura2020" in done.stdout and "valve" in done.stdout
 
 
+def test_torch_starts_deterministic_without_the_compilers_nor_scipy_signal():
+    """start_torch's deterministic mode without torch.use_deterministic_algorithms's import of
+    the inductor compiler (2.1 s of every command's start), features without scipy.signal's
+    (1.7 s) until a resampling needs it."""
+    code = ("import sys, torch, asd, features, models; asd.start_torch(0, 1); "
+            "bad = [m for m in ('torch._inductor', 'torch._dynamo', 'scipy.signal') "
+            "if m in sys.modules]; "
+            "sys.exit(f'imported {bad}' if bad else 0 if torch.are_deterministic_algorithms_enabled() "
+            "else 'not deterministic')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def imports_of(path):
     tree = ast.parse(path.read_text())
     names = set()
