@@ -8,7 +8,7 @@ clips' embeddings are the memory bank of their section, one bank per domain; a c
 its mean cosine distance to the k nearest entries of each bank, standardised per bank, the
 smaller of the two (detectors.MemoryBank, which says what was taken from GenRep and what not).
 
-Encoders (--encoder), each written in models.py to its published architecture and key names,
+Encoders (--encoder), each written in encoders.py to its published architecture and key names,
 each with its own front end computed on the device (features.*; the 16 kHz clip resampled to
 the encoder's rate there):
 - mn04 (default): EfficientAT's MobileNetV3 mn04_as (Schmid et al., ICASSP 2023), 1 M
@@ -33,8 +33,8 @@ import torch
 import data
 import detectors
 import download
+import encoders
 import features
-import models
 
 # where `python asd.py download --weights mn04` puts the mn04 weights
 DEFAULT_MN04 = str(data.DEFAULT_DATA_ROOT / "weights" / download.WEIGHTS["mn04"]["file"])
@@ -134,12 +134,12 @@ class EncoderKNN:
 
     def _load_encoder(self):
         if self.encoder == "mn04":
-            net = models.load_mobilenetv3(self.pretrained, width=0.4)
+            net = encoders.load_mobilenetv3(self.pretrained, width=0.4)
         elif self.encoder == "beats":
-            net = models.load_beats(self.pretrained)
+            net = encoders.load_beats(self.pretrained)
         else:
-            net = models.ResNet38()
-            extra = models.load_panns_checkpoint(net, self.pretrained)
+            net = encoders.ResNet38()
+            extra = encoders.load_panns_checkpoint(net, self.pretrained)
             if extra:
                 raise ValueError(f"{self.pretrained}: not a PANNs ResNet38 checkpoint: "
                                  f"'{extra[0]}' not in the network ({len(extra)} extra)")

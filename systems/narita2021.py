@@ -5,7 +5,7 @@ representation of trained models and metric learning based variational autoencod
 2021 Task 2 technical report).
 Features (2.1, after Rippel et al.): every convolutional block's output of a trained CNN,
 averaged over time and frequency per channel, concatenated into one vector per clip
-(models.channel_means). The paper's CNN is PANNs' ResNet38 pre-trained on AudioSet, its 16
+(encoders.channel_means). The paper's CNN is PANNs' ResNet38 pre-trained on AudioSet, its 16
 BasicBlocks giving 3776 values, on PANNs' log-mel of the clip resampled to 32 kHz (2.3, table
 2; features.panns_log_mel). Give its checkpoint with --pretrained PATH. Without one (the file
 cannot be downloaded on every machine), the system trains its own extractor first: a
@@ -30,6 +30,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+import encoders
 import features
 import losses
 import models
@@ -236,13 +237,13 @@ class Narita2021:
             for start in range(0, len(idx), EMBED_BATCH):
                 chunk = idx[start:start + EMBED_BATCH]
                 x = torch.stack([mels[i] for i in chunk]).to(self.device)     # (B, n_mels, T)
-                for i, v in zip(chunk, models.channel_means(self.block_outputs(x))):
+                for i, v in zip(chunk, encoders.channel_means(self.block_outputs(x))):
                     out[i] = v
         return torch.stack(out)                                            # (N, D)
 
     def _load_resnet38(self):
-        net = models.ResNet38()
-        unused = models.load_panns_checkpoint(net, self.pretrained)
+        net = encoders.ResNet38()
+        unused = encoders.load_panns_checkpoint(net, self.pretrained)
         if unused:
             self.log(f"{self.pretrained}: {len(unused)} entries ResNet38 does not use, "
                      f"e.g. {unused[0]}")

@@ -15,8 +15,8 @@ import torch
 
 import asd
 import detectors
+import encoders
 import features
-import models
 import scoring
 import synth
 
@@ -66,7 +66,7 @@ def mn04_logits(net, wave16):
 @needs_mn04
 def test_mn04_uses_every_key_and_gives_efficientat_s_logits():
     state = torch.load(MN04, map_location="cpu", weights_only=True)
-    net = models.load_mobilenetv3(MN04)
+    net = encoders.load_mobilenetv3(MN04)
     assert set(state) == set(net.state_dict())                   # every key used, none left
     logits = mn04_logits(net, fixed_input())
     assert [i for i, _ in EFFICIENTAT_TOP10] == list(np.argsort(logits)[::-1][:10])
@@ -95,7 +95,7 @@ def test_mn04_hears_machine_sounds_in_real_fan_and_motor_clips(path):
     toothbrush 0.06 (fan); Tick-tock 0.23, Tick 0.17, Clock 0.09 (motor)."""
     if not path.exists():
         pytest.skip(f"{path} is absent (the real samples in ../shared/data)")
-    logits = mn04_logits(models.load_mobilenetv3(MN04), features.load_wav(path))
+    logits = mn04_logits(encoders.load_mobilenetv3(MN04), features.load_wav(path))
     top = list(np.argsort(logits)[::-1][:3])
     assert all(int(i) in MACHINE_SOUNDS for i in top), top
     assert 1 / (1 + np.exp(-logits[top[0]])) > 0.2
@@ -122,13 +122,13 @@ BEATS_CFG = {"input_patch_size": 16, "embed_dim": 512, "conv_bias": False, "enco
 
 def test_beats_loader_takes_the_published_layout_and_names_a_wrong_key(tmp_path):
     with torch.device("meta"):
-        state = tiny_state(models.BEATs())
+        state = tiny_state(encoders.BEATs())
     assert "encoder.pos_conv.0.weight_g" in state and state["encoder.pos_conv.0.weight_g"].shape == (1, 1, 128)
     assert state["encoder.layers.11.self_attn.relative_attention_bias.weight"].shape == (320, 12)
     assert state["patch_embedding.weight"].shape == (512, 1, 16, 16) and len(state) == 250
     good = tmp_path / "beats.pt"
     torch.save({"cfg": BEATS_CFG, "model": state}, good)
-    assert isinstance(models.load_beats(good), models.BEATs)
+    assert isinstance(encoders.load_beats(good), encoders.BEATs)
     cases = {"missing": ({k: v for k, v in state.items() if k != "encoder.layers.3.fc1.weight"},
                          "'encoder.layers.3.fc1.weight' (3072, 768) missing"),
              "extra": ({**state, "predictor.bias": torch.zeros(527)}, "'predictor.bias' not in"),
@@ -137,20 +137,20 @@ def test_beats_loader_takes_the_published_layout_and_names_a_wrong_key(tmp_path)
     for name, (bad, words) in cases.items():
         torch.save({"cfg": BEATS_CFG, "model": bad}, tmp_path / f"{name}.pt")
         with pytest.raises(ValueError, match=".*".join(map(re.escape, words.split(" ")))):
-            models.load_beats(tmp_path / f"{name}.pt")
+            encoders.load_beats(tmp_path / f"{name}.pt")
     torch.save({"cfg": {**BEATS_CFG, "max_distance": 1280}, "model": state}, tmp_path / "cfg.pt")
     with pytest.raises(ValueError, match="max_distance=1280"):
-        models.load_beats(tmp_path / "cfg.pt")
+        encoders.load_beats(tmp_path / "cfg.pt")
 
 
 def test_resnet38_loader_takes_the_panns_layout_and_names_a_wrong_key(tmp_path):
     from systems import encoder_knn
     with torch.device("meta"):
-        state = tiny_state(models.ResNet38())
+        state = tiny_state(encoders.ResNet38())
     good = tmp_path / "ResNet38.pth"
     torch.save({"model": state}, good)
     system = encoder_knn.EncoderKNN(year=2023, encoder="resnet38", pretrained=good)
-    assert isinstance(system._load_encoder(), models.ResNet38)
+    assert isinstance(system._load_encoder(), encoders.ResNet38)
     wrong = {**state, "resnet.layer2.0.conv1.weight": torch.zeros(128, 32, 3, 3)}
     torch.save({"model": wrong}, tmp_path / "wrong.pth")
     with pytest.raises(ValueError, match=r"'resnet\.layer2\.0\.conv1\.weight' has shape"):
@@ -170,7 +170,7 @@ def test_mn04_loader_names_a_missing_an_extra_and_a_mis_shaped_key(tmp_path):
     bad["features.17.0.weight"] = torch.zeros(1)
     torch.save(bad, tmp_path / "bad.pt")
     with pytest.raises(ValueError) as err:
-        models.load_mobilenetv3(tmp_path / "bad.pt")
+        encoders.load_mobilenetv3(tmp_path / "bad.pt")
     line = str(err.value)
     assert "\n" not in line and "'features.4.block.2.conc_se_layers.0.fc1.weight' (8, 32) missing" in line
     assert "'features.17.0.weight' not in the network" in line

@@ -328,11 +328,11 @@ def test_collapse_names_what_was_too_few_and_a_near_collapse_warns(own, tmp_path
 
 def test_random_bytes_as_pretrained_weights_are_no_checkpoint(tmp_path):
     """Never the advice to load with weights_only=False (it runs the file's code)."""
-    import models
+    import encoders
     path = tmp_path / "ResNet38_mAP=0.434.pth"
     path.write_bytes(np.random.default_rng(0).bytes(5000))
     with pytest.raises(ValueError) as e:
-        models.load_panns_checkpoint(models.ResNet38(), path)
+        encoders.load_panns_checkpoint(encoders.ResNet38(), path)
     assert str(e.value).startswith(f"{path}: not a PyTorch checkpoint of tensors (")
     assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
 

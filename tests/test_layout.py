@@ -13,8 +13,8 @@ import flags
 import systems
 
 ROOT = Path(__file__).resolve().parents[1]
-LIBRARY = ("data", "features", "augment", "models", "losses", "train", "detectors", "scoring",
-           "plots")
+LIBRARY = ("data", "features", "augment", "models", "encoders", "losses", "train", "detectors",
+           "scoring", "plots")
 
 
 def parse(*argv):
@@ -110,6 +110,7 @@ def test_import_rules_of_the_design():
         assert not imports_of(ROOT / f"{name}.py") & {"systems", "asd"}, name
     assert not imports_of(ROOT / "scoring.py") & {"models", "detectors", "train", "torch"}
     assert imports_of(ROOT / "models.py") <= {"math", "torch"}
+    assert imports_of(ROOT / "encoders.py") <= {"math", "torch", "models"}
     assert imports_of(ROOT / "losses.py") <= {"math", "torch"}
     for name in ("augment", "detectors"):
         assert imports_of(ROOT / f"{name}.py") <= {"numpy", "torch"}, name

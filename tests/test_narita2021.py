@@ -12,6 +12,7 @@ import scipy.signal
 import torch
 
 import asd
+import encoders
 import features
 import losses
 import models
@@ -87,7 +88,7 @@ def lean_checkpoint(model):
 
 
 def test_checkpoint_loader_names_missing_and_misshaped_weights(tmp_path):
-    net = models.ResNet38()
+    net = encoders.ResNet38()
     state = lean_checkpoint(net)
     assert sum(v.shape[0] for k, v in state.items() if k.startswith("resnet") and
                k.endswith("bn2.weight")) == 3776                  # the paper's d: 16 BasicBlocks
@@ -95,20 +96,20 @@ def test_checkpoint_loader_names_missing_and_misshaped_weights(tmp_path):
     torch.save({"iteration": 0, "model": state}, tmp_path / "missing.pth")
     with pytest.raises(ValueError, match=r"'resnet.layer3.2.conv1.weight' \(256, 256, 3, 3\) "
                                          r"is missing") as err:
-        models.load_panns_checkpoint(net, tmp_path / "missing.pth")
+        encoders.load_panns_checkpoint(net, tmp_path / "missing.pth")
     assert len(str(err.value).splitlines()) == 1
     state = lean_checkpoint(net)
     state["conv_block1.conv1.weight"] = torch.zeros(64, 1, 5, 5)
     torch.save({"model": state}, tmp_path / "shape.pth")
     with pytest.raises(ValueError, match=r"'conv_block1.conv1.weight' has shape \(64, 1, 5, 5\), "
                                          r"expected \(64, 1, 3, 3\)"):
-        models.load_panns_checkpoint(net, tmp_path / "shape.pth")
+        encoders.load_panns_checkpoint(net, tmp_path / "shape.pth")
     with pytest.raises(ValueError, match="no such file"):
-        models.load_panns_checkpoint(net, tmp_path / "absent.pth")
+        encoders.load_panns_checkpoint(net, tmp_path / "absent.pth")
     # BatchNorm counters may be absent; keys ResNet38 lacks are returned, not fatal
     state = {k: v for k, v in lean_checkpoint(net).items() if "num_batches_tracked" not in k}
     torch.save({"model": {**state, "extra.weight": torch.zeros(1)}}, tmp_path / "ok.pth")
-    assert models.load_panns_checkpoint(net, tmp_path / "ok.pth") == ["extra.weight"]
+    assert encoders.load_panns_checkpoint(net, tmp_path / "ok.pth") == ["extra.weight"]
 
 
 def test_checkpoint_in_panns_format_gives_the_features_of_the_saved_network(tmp_path):
@@ -116,7 +117,7 @@ def test_checkpoint_in_panns_format_gives_the_features_of_the_saved_network(tmp_
     BatchNorm statistics: the system's features from it equal the channel means of that
     network's 16 BasicBlocks on PANNs' log-mel of the clip."""
     torch.manual_seed(0)
-    net = models.ResNet38().eval()
+    net = encoders.ResNet38().eval()
     for m in net.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 2.0)
@@ -129,7 +130,7 @@ def test_checkpoint_in_panns_format_gives_the_features_of_the_saved_network(tmp_
     got = system.vectors(system.log_mels([type("Clip", (), {"path": tmp_path / "a.wav"})]))
     with torch.no_grad():
         wave = torch.from_numpy(features.load_wav(tmp_path / "a.wav"))      # 16-bit, as read
-        direct = models.channel_means(net(features.panns_log_mel(wave)[None])[1:17])
+        direct = encoders.channel_means(net(features.panns_log_mel(wave)[None])[1:17])
     assert got.shape == (1, 3776) and torch.allclose(got, direct, atol=1e-6)
     assert system.min_samples < len(clip) and "resnet38" in system.settings["extractor"]
     assert not system.minmax         # auto: ResNet38's non-negative block means as they are
