@@ -42,6 +42,7 @@ import download
 import flags
 import plots
 import scoring
+import submission
 import synth
 import systems
 
@@ -524,7 +525,7 @@ def cmd_test(args):
         domain = c.domain if args.year == 2021 else None
         groups.setdefault((c.section, domain), []).append(i)
     results = run_dir(args) / "results"
-    names = {key: [scoring.result_filename(args.year, kind, args.machine, key[0], key[1])
+    names = {key: [submission.result_filename(args.year, kind, args.machine, key[0], key[1])
                    for kind in ("anomaly_score", "decision_result")] for key in groups}
     existing = [n for pair in names.values() for n in pair if (results / n).exists()]
     if existing and not args.force:
@@ -544,8 +545,8 @@ def cmd_test(args):
     try:
         for key, idx in sorted(groups.items()):
             score_name, decision_name = names[key]
-            scoring.write_csv(staging / score_name, [(clips[i].name, scores[i]) for i in idx])
-            scoring.write_csv(staging / decision_name,
+            submission.write_csv(staging / score_name, [(clips[i].name, scores[i]) for i in idx])
+            submission.write_csv(staging / decision_name,
                               [(clips[i].name, int(scores[i] > threshold)) for i in idx])
         for pair in names.values():
             for name in pair:
@@ -598,7 +599,7 @@ def cmd_score(args):
         rows.append((str(path), score, decision))
         print(f"{path}\t{score:.6g}\t{decision}")
     if args.csv:
-        scoring.write_table_csv(args.csv, ["file", "score", "decision"], rows)
+        submission.write_table_csv(args.csv, ["file", "score", "decision"], rows)
     # stdout stays the per-file table (file, score, decision) for pipes; the rest to stderr
     print(f"scored {len(rows)} of {len(paths)} files ({len(paths) - len(rows)} skipped)",
           file=sys.stderr)
@@ -631,7 +632,7 @@ def cmd_evaluate(args, synthetic=False):
                                        else data_folder(args), year=args.year)
     else:                        # labels and domains are in the dev set's file names
         truth = data.truth_from_names(year=args.year)
-    labelled = scoring.labelled_rows(run_dir(args) / "results", year=args.year, truth=truth)
+    labelled = submission.labelled_rows(run_dir(args) / "results", year=args.year, truth=truth)
     result = scoring.official_score(args.year, labelled)
     paper = systems.paper_figures(args.system)         # the paper's dev-set figures, its year
     paper = paper if paper and paper["year"] == args.year and args.part == "dev" else None
@@ -646,7 +647,7 @@ def cmd_evaluate(args, synthetic=False):
                           **({"extractors": extractors} if extractors else {}), "notes": notes,
                           "args": {**run_args(args), **versions()}})
     data.write_text(run_dir(args) / "results.txt", text + "\n")
-    scoring.write_table_csv(run_dir(args) / "results.csv", header, rows)
+    submission.write_table_csv(run_dir(args) / "results.csv", header, rows)
     data.write_text(run_dir(args) / "results.md", markdown + "\n")
     written = ["results.txt", "results.csv", "results.md"]
     pictures = getattr(args, "plots", True)   # demo's arguments carry no --plots
@@ -751,7 +752,6 @@ def cmd_download(args):
 def cmd_package(args):
     """The eval set's result CSVs and a <label>.meta.yaml (the organisers' template fields) in
     DEST/dcase<YEAR>/<system>/<label>/, the folder to submit."""
-    import submission
     if args.label == submission.PLACEHOLDER_LABEL:
         print(f"warning: the label is the placeholder {args.label}; pass --label "
               f"<Lastname>_<Institute>_task2_<1-4> (the corresponding author's)")

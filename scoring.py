@@ -1,5 +1,6 @@
-"""Scores for DCASE Task 2, 2020-2026: ROC AUC and pAUC, the official score of each year,
-the baselines' gamma decision threshold, and the submission files the evaluators read.
+"""Scores for DCASE Task 2, 2020-2026: ROC AUC and pAUC, the official score of each year and
+the baselines' gamma decision threshold. The result files the evaluators read (their names, the
+CSVs) are submission.py's.
 
 AUC and pAUC are written by hand and follow `sklearn.metrics.roc_auc_score` exactly (ROC
 points at distinct thresholds, collinear points dropped, trapezoids, McClish-standardised
@@ -13,10 +14,7 @@ Left out: the evaluators' jackknife confidence intervals and per-attribute table
 (plots.py draws the ROC points given here), and reading the ground truth (the dataset
 module's job: rows arrive here already labelled).
 """
-import csv
 import math
-import re
-from pathlib import Path
 
 import numpy as np
 
@@ -30,17 +28,6 @@ EPS = float(np.finfo(float).eps)  # 2.2e-16, the evaluators' floor (sys.float_in
 GAMMA_LOC_MARGIN = 1e-6  # fraction of the score range left below min(scores) when loc shifts
 NEWTON_TOL = 1e-13  # Newton step on log(shape) below which the gamma fit has converged
 NEWTON_MAX_ITER = 100
-RESULT_KINDS = ("anomaly_score", "decision_result")
-# The file names each year's evaluator globs for; section is "00", "01", ... (2020: machine ID).
-RESULT_FILE_PATTERNS = {
-    2020: "{kind}_{machine}_id_{section}.csv",
-    2021: "{kind}_{machine}_section_{section}_{domain}_test.csv",
-    2022: "{kind}_{machine}_section_{section}_test.csv",
-    2023: "{kind}_{machine}_section_{section}_test.csv",
-    2024: "{kind}_{machine}_section_{section}_test.csv",
-    2025: "{kind}_{machine}_section_{section}_test.csv",
-    2026: "{kind}_{machine}_section_{section}_test.csv",   # the 2026 evaluator's plain form
-}
 
 
 class ScoringError(ValueError):
@@ -520,111 +507,6 @@ def check_spread(scores, what, *, advice="train longer (--epochs) or on more cli
                 f"({step:.2g}): the model maps normal clips almost to one point, so new clips "
                 f"may tie and the threshold is coarse; {advice}")
     return None
-
-
-# ---------------------------------------------------------------------------------------
-# Submission files: anomaly_score_*.csv and decision_result_*.csv
-
-RESULT_NAME = re.compile(r"^anomaly_score_(?P<machine>.+?)_(?:id|section)_(?P<section>\d\d)"
-                         r"(?:_(?P<domain>source|target))?(?:_test)?\.csv$")   # result_filename's
-
-
-def labelled_rows(results, *, year, truth):
-    """One row per scored clip of the result CSVs in folder `results`: machine, section,
-    domain, label (1 anomaly), score, decision; truth(machine, section, name) gives (label,
-    domain), from the dev set's names or the eval set's ground-truth tables."""
-    files = sorted(Path(results).glob("anomaly_score_*.csv"))
-    if not files:
-        raise ScoringError(f"{results}: no anomaly_score_*.csv; run 'python asd.py test' first")
-    rows = []
-    for path in files:
-        m = RESULT_NAME.match(path.name)
-        if not m:
-            raise ScoringError(f"{path}: not a result file name of {year}")
-        decisions = dict(read_csv(path.with_name(path.name.replace("anomaly_score",
-                                                                   "decision_result"))))
-        for name, score in read_csv(path):
-            label, domain = truth(m["machine"], m["section"], name)
-            rows.append({"machine": m["machine"], "section": m["section"], "domain": domain,
-                         "label": int(label == "anomaly"), "score": float(score),
-                         "decision": int(decisions[name])})
-    return rows
-
-
-def result_filename(year, kind, machine, section, domain=None):
-    """File name the `year` evaluator reads; kind in RESULT_KINDS, section like "00" (the
-    machine ID in 2020), domain ("source"/"target") needed in 2021 only, ignored otherwise."""
-    if year not in RESULT_FILE_PATTERNS:
-        raise ValueError(f"unknown year {year!r}; valid years: {', '.join(map(str, YEARS))}")
-    if kind not in RESULT_KINDS:
-        raise ValueError(f"unknown kind {kind!r}; valid kinds: {', '.join(RESULT_KINDS)}")
-    if not (isinstance(section, str) and len(section) == 2 and section.isdigit()):
-        # the evaluators find sections with the regex [0-9][0-9]
-        raise ValueError(f"section must be two digits such as '00', got {section!r}")
-    if year == 2021 and domain not in DOMAINS:
-        raise ValueError(f"2021 file names need domain in {DOMAINS}, got {domain!r}")
-    return RESULT_FILE_PATTERNS[year].format(kind=kind, machine=machine, section=section,
-                                             domain=domain)
-
-
-def _format_field(value):
-    """One CSV field: floats at full repr precision (so ties survive the round trip)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (bool, np.bool_)):
-        return str(int(value))
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)):
-        if not math.isfinite(value):
-            raise ScoringError(f"refusing to write non-finite value {value!r}")
-        return repr(float(value))
-    raise ScoringError(f"cannot write a value of type {type(value).__name__}: {value!r}")
-
-
-def write_csv(path, rows):
-    """Write rows of (file_name, value) with no header, atomically (data.write_atomic): on any
-    error, a bad row included, the target is untouched."""
-    def write(f):
-        writer = csv.writer(f, lineterminator="\n")
-        for i, row in enumerate(rows):
-            if len(row) != 2:
-                raise ScoringError(f"{path}: row {i} has {len(row)} fields, "
-                                   f"expected 2 (file_name, value): {row!r}")
-            writer.writerow([_format_field(v) for v in row])
-    data.write_atomic(path, write, text=True)
-
-
-def read_csv(path):
-    """Rows of a result or ground-truth CSV as [(file_name, value), ...], both strings."""
-    rows = []
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
-            for row in reader:
-                if len(row) != 2 or not row[0]:
-                    raise ScoringError(f"{path}, line {reader.line_num}: expected "
-                                       f"'file_name,value', got {row!r}")
-                rows.append((row[0], row[1]))
-    except (csv.Error, UnicodeDecodeError) as e:
-        raise ScoringError(f"{path}: unreadable CSV ({e})") from e
-    if not rows:
-        raise ScoringError(f"{path}: no rows")
-    return rows
-
-
-def write_table_csv(path, header, rows):
-    """Write a CSV with a header row atomically (data.write_atomic); rows are sequences as long
-    as the header; None is written as an empty cell."""
-    def write(f):
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(header)
-        for row in rows:
-            if len(row) != len(header):
-                raise ScoringError(f"{path}: row of {len(row)} fields under a header of "
-                                   f"{len(header)}: {row!r}")
-            writer.writerow(["" if v is None else _format_field(v) for v in row])
-    data.write_atomic(path, write, text=True)
 
 
 # ---------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 
 import asd
-import scoring
+import submission
 import synth
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def test_ae_mahalanobis_score_of_2023_reaches_auc_bar_in_both_domains(tmp_path):
     result = json.loads((tmp_path / "runs/dcase2023/ae/dev/results.json").read_text())
     (section,) = result["sections"]
     assert section["auc_source"] >= 0.9 and section["auc_target"] >= 0.9, section
-    scores = [float(v) for _, v in scoring.read_csv(
+    scores = [float(v) for _, v in submission.read_csv(
         tmp_path / "runs/dcase2023/ae/dev/results/anomaly_score_valve_section_00_test.csv")]
     assert len(set(scores)) == len(scores)                  # a real ranking, no ties
 

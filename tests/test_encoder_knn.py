@@ -17,7 +17,7 @@ import asd
 import detectors
 import encoders
 import features
-import scoring
+import submission
 import synth
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -252,7 +252,7 @@ def test_through_asd_main_reaches_the_auc_bar_in_both_domains(tmp_path):
     out = tmp_path / "runs/dcase2023/encoder_knn/dev"
     (section,) = json.loads((out / "results.json").read_text())["sections"]
     assert section["auc_source"] >= 0.8 and section["auc_target"] >= 0.8, section
-    scores = [float(v) for _, v in scoring.read_csv(
+    scores = [float(v) for _, v in submission.read_csv(
         out / "results/anomaly_score_valve_section_00_test.csv")]
     assert len(set(scores)) == len(scores)
     about = json.loads((out / "models/valve/model.json").read_text())

@@ -11,6 +11,7 @@ import pytest
 import asd
 import data
 import scoring
+import submission
 import synth
 import systems
 
@@ -73,8 +74,8 @@ def write_results(tmp_path, year, machine, scorer):
         groups[(c.section, c.domain if year == 2021 else None)].append(c)
     for (section, domain), group in groups.items():
         for kind, value in (("anomaly_score", scorer), ("decision_result", lambda c: 1)):
-            name = scoring.result_filename(year, kind, machine, section, domain)
-            scoring.write_csv(results / name, [(c.name, value(c)) for c in group])
+            name = submission.result_filename(year, kind, machine, section, domain)
+            submission.write_csv(results / name, [(c.name, value(c)) for c in group])
     return clips
 
 

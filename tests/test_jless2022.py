@@ -20,7 +20,7 @@ import data
 import detectors
 import losses
 import models
-import scoring
+import submission
 import synth
 import train
 from systems import jless2022
@@ -223,7 +223,7 @@ def test_jless2022_same_seed_same_scores(trained):
     name = "anomaly_score_bearing_section_00_test.csv"
     first = trained / "runs/dcase2022/jless2022/dev/results" / name
     again = trained / "again/dcase2022/jless2022/dev/results" / name
-    assert len({v for _, v in scoring.read_csv(first)}) > 10
+    assert len({v for _, v in submission.read_csv(first)}) > 10
     assert again.read_text() == first.read_text()
 
 

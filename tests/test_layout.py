@@ -14,7 +14,7 @@ import systems
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ("data", "features", "augment", "models", "encoders", "losses", "train", "detectors",
-           "scoring", "plots")
+           "scoring", "submission", "plots")
 
 
 def parse(*argv):

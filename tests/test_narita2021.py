@@ -16,7 +16,7 @@ import encoders
 import features
 import losses
 import models
-import scoring
+import submission
 import synth
 from systems import narita2021
 
@@ -195,7 +195,7 @@ def test_narita2021_on_synthetic_2021_data_reaches_auc_bar(trained):
     assert f"valve: features from {about['features']['extractor']} (the paper: PANNs" in markdown
     assert result["paper"]["sections"][0] == {"auc": 0.7885, "pauc": 0.6300}   # valve 00 source
     assert about["options"]["anomaly_score"] == "ensemble"
-    scores = [float(v) for _, v in scoring.read_csv(
+    scores = [float(v) for _, v in submission.read_csv(
         trained / "results/anomaly_score_valve_section_00_source_test.csv")]
     assert len(set(scores)) == len(scores) == 20
 

@@ -14,6 +14,7 @@ import pytest
 import asd
 import plots
 import scoring
+import submission
 import synth
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -217,7 +218,7 @@ def test_evaluate_one_domain_gives_the_defined_figures_and_the_pictures(source_o
             f"results.md, results.html, plots/fan.svg") in out
     result = json.loads((folder / "results.json").read_text())
     assert result["official_score"] is None and len(result["sections"]) == 2
-    labelled = scoring.labelled_rows(folder / "results", year=2022,
+    labelled = submission.labelled_rows(folder / "results", year=2022,
                                      truth=asd.data.truth_from_names(year=2022))
     for section in result["sections"]:
         mine = [r for r in labelled if r["section"] == section["section"]]
@@ -250,7 +251,7 @@ def test_evaluate_one_domain_result_files_of_each_layout(tmp_path, year, capsys)
         mine = [c for c in clips if c.section == section]
         scores = [float(c.label == "anomaly") + rng.normal() for c in mine]
         for kind, values in (("anomaly_score", scores), ("decision_result", [0] * len(mine))):
-            scoring.write_csv(results / scoring.result_filename(year, kind, "valve", section,
+            submission.write_csv(results / submission.result_filename(year, kind, "valve", section,
                                                                 "source"),
                               [(c.name, v) for c, v in zip(mine, values)])
     run = ["--year", year, "--system", "ae", "--data-root", tmp_path / "data", "--out",
@@ -263,7 +264,7 @@ def test_evaluate_one_domain_result_files_of_each_layout(tmp_path, year, capsys)
     assert "threshold.json not found: the pictures of valve draw no threshold" in out
     result = json.loads((results.parent / "results.json").read_text())
     assert result["official_score"] is None
-    labelled = scoring.labelled_rows(results, year=year,
+    labelled = submission.labelled_rows(results, year=year,
                                      truth=asd.data.truth_from_names(year=year))
     check_machine_svg((results.parent / "plots/valve.svg").read_text(), year, labelled, None)
 

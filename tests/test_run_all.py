@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 import data
-import scoring
 import submission
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,8 +44,8 @@ def expected_submission(out, year):
     clips = data.list_clips(data.part_dir(out / "data", year, "eval"), year=year,
                             machine=machine, split="test")
     keys = {(c.section, c.domain if year == 2021 else None) for c in clips}
-    names = {scoring.result_filename(year, kind, machine, s, d)
-             for s, d in keys for kind in scoring.RESULT_KINDS}
+    names = {submission.result_filename(year, kind, machine, s, d)
+             for s, d in keys for kind in submission.RESULT_KINDS}
     if year >= 2026:                                    # and the baseline's form of each
         names |= {submission.baseline_name(year, n) for n in names}
     return names | {f"{LABEL}.meta.yaml"}, clips
@@ -66,11 +65,11 @@ def test_every_year_gets_its_submission_folder(quick):
         names, clips = expected_submission(out, year)
         assert {p.name for p in folder.iterdir()} == names, year
         rows = [r for n in names if n.startswith("anomaly_score") and "_Eval" not in n
-                for r in scoring.read_csv(folder / n)]
+                for r in submission.read_csv(folder / n)]
         assert sorted(r[0] for r in rows) == sorted(c.name for c in clips)   # every clip once
         for name in names:
             if name.startswith("decision_result"):
-                assert {v for _, v in scoring.read_csv(folder / name)} <= {"0", "1"}
+                assert {v for _, v in submission.read_csv(folder / name)} <= {"0", "1"}
         meta = (folder / f"{LABEL}.meta.yaml").read_text()
         for field in ("label:", "abbreviation:", "authors:", "acoustic_features:",
                       "machine_learning_method:", "anomaly_score:", "threshold:",

@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 
 import asd
-import scoring
+import submission
 import synth
 
 FAST = ["--epochs", "4", "--batch-size", "64", "--device", "cpu", "--system", "ae"]
@@ -133,19 +133,19 @@ def test_one_test_run_writes_all_its_results_or_none(tmp_path, monkeypatch, caps
     run = ["--year", 2020, "--system", "ae", "--machine", "valve", "--data-root",
            tmp_path / "data", "--out", tmp_path / "runs", "--cache-dir", tmp_path / "cache"]
     assert asd.main(["train", *run, "--epochs", 2, "--device", "cpu"]) == 0
-    real, written = scoring.write_csv, []
+    real, written = submission.write_csv, []
 
     def disk_full_at_the_third(path, rows):
         if len(written) == 2:
             raise asd.data.DataError(f"{path}: could not write it ({errno.errorcode[28]})")
         written.append(path)
         real(path, rows)
-    monkeypatch.setattr(scoring, "write_csv", disk_full_at_the_third)
+    monkeypatch.setattr(submission, "write_csv", disk_full_at_the_third)
     assert asd.main(["test", *run]) == 2
     assert "anomaly_score_valve_id_02.csv" in one_line(capsys)      # the file it could not write
     results = tmp_path / "runs/dcase2020/ae/dev/results"
     assert list(results.iterdir()) == []                            # not section 00 alone
-    monkeypatch.setattr(scoring, "write_csv", real)
+    monkeypatch.setattr(submission, "write_csv", real)
     assert asd.main(["test", *run]) == 0                            # and no --force needed
     assert len(list(results.iterdir())) == 4
 

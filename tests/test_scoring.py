@@ -11,6 +11,7 @@ import scipy.stats
 from sklearn.metrics import precision_recall_fscore_support, roc_auc_score, roc_curve
 
 import scoring
+import submission
 from scoring import ScoringError
 
 AUC_ATOL = 1e-12  # hand-written ROC metrics vs sklearn
@@ -390,23 +391,23 @@ def test_result_filename_every_year():
         2025: "anomaly_score_fan_section_02_test.csv",
     }
     for year, name in expected.items():
-        assert scoring.result_filename(year, "anomaly_score", "fan", "02", domain="target") == name
-    assert scoring.result_filename(2023, "decision_result", "ToyCar", "00") == (
+        assert submission.result_filename(year, "anomaly_score", "fan", "02", domain="target") == name
+    assert submission.result_filename(2023, "decision_result", "ToyCar", "00") == (
         "decision_result_ToyCar_section_00_test.csv")
     with pytest.raises(ValueError, match="2020, 2021"):
-        scoring.result_filename(2019, "anomaly_score", "fan", "00")
+        submission.result_filename(2019, "anomaly_score", "fan", "00")
     with pytest.raises(ValueError, match="anomaly_score, decision_result"):
-        scoring.result_filename(2020, "score", "fan", "00")
+        submission.result_filename(2020, "score", "fan", "00")
     with pytest.raises(ValueError, match="domain"):
-        scoring.result_filename(2021, "anomaly_score", "fan", "00")
+        submission.result_filename(2021, "anomaly_score", "fan", "00")
 
 
 def test_write_read_round_trip(tmp_path):
     path = tmp_path / "anomaly_score_fan_section_00_test.csv"
     values = [0.1 + 0.2, 0.3, 1e-300, -2.5, np.float32(0.1), 7]
     rows = [(f"section_00_{i:04d}.wav", v) for i, v in enumerate(values)]
-    scoring.write_csv(path, rows)
-    back = scoring.read_csv(path)
+    submission.write_csv(path, rows)
+    back = submission.read_csv(path)
     assert [name for name, _ in back] == [name for name, _ in rows]
     assert [float(v) for _, v in back] == [float(v) for v in values]  # exact, ties survive
     assert back[0][1] != back[1][1]
@@ -417,9 +418,9 @@ def test_write_csv_is_atomic(tmp_path):
     path = tmp_path / "decision_result_fan_section_00_test.csv"
     bad_rows = [("a.wav", 1), ("b.wav", 0), ("c.wav", object())]
     with pytest.raises(ScoringError, match="object"):
-        scoring.write_csv(path, bad_rows)
+        submission.write_csv(path, bad_rows)
     assert not path.exists()
-    scoring.write_csv(path, [("a.wav", 1)])
+    submission.write_csv(path, [("a.wav", 1)])
     before = path.read_bytes()
 
     def rows_then_crash():
@@ -428,9 +429,9 @@ def test_write_csv_is_atomic(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        scoring.write_csv(path, rows_then_crash())
+        submission.write_csv(path, rows_then_crash())
     with pytest.raises(ScoringError, match="non-finite"):
-        scoring.write_csv(path, [("a.wav", 0.5), ("b.wav", float("nan"))])
+        submission.write_csv(path, [("a.wav", 0.5), ("b.wav", float("nan"))])
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == [path.name]  # no temporary file left behind
 
@@ -439,7 +440,7 @@ def test_read_csv_names_file_and_line(tmp_path):
     path = tmp_path / "anomaly_score_fan_id_00.csv"
     path.write_text("a.wav,0.1\nb.wav\nc.wav,0.3\n")
     with pytest.raises(ScoringError, match=f"{path.name}, line 2"):
-        scoring.read_csv(path)
+        submission.read_csv(path)
     path.write_text("")
     with pytest.raises(ScoringError, match="no rows"):
-        scoring.read_csv(path)
+        submission.read_csv(path)

@@ -17,7 +17,7 @@ import features
 import flags
 import losses
 import models
-import scoring
+import submission
 import synth
 import train
 from systems import shinmura2020
@@ -295,7 +295,7 @@ def test_shinmura2020_resumes_after_an_interruption_to_the_same_scores(trained, 
     for name in ("anomaly_score_valve_id_00.csv", "anomaly_score_valve_id_02.csv"):
         first = trained / "tiny/dcase2020/shinmura2020/dev/results" / name
         again = trained / "resumed/dcase2020/shinmura2020/dev/results" / name
-        assert len({v for _, v in scoring.read_csv(first)}) > 10     # a ranking, not a collapse
+        assert len({v for _, v in submission.read_csv(first)}) > 10     # a ranking, not a collapse
         assert again.read_text() == first.read_text()
 
 

@@ -17,7 +17,6 @@ from sklearn.metrics import roc_auc_score
 import asd
 import data
 import features
-import scoring
 import submission
 import synth
 
@@ -53,7 +52,7 @@ def test_2026_year_table(capsys):
     assert capsys.readouterr().out.splitlines() == [
         f"{m} 00" for m in ("ToyDrone", "ToothBrush", "SewingMachine", "BlowerDustCollector",
                             "Sander")]
-    assert scoring.result_filename(2026, "anomaly_score", "Sander", "00") == \
+    assert submission.result_filename(2026, "anomaly_score", "Sander", "00") == \
         "anomaly_score_Sander_section_00_test.csv"
     assert submission.baseline_name(2026, "decision_result_Sander_section_00_test.csv") == \
         "decision_result_DCASE2026T2Sander_section_00_test_seed13711_id(0_)_Eval.csv"
@@ -210,7 +209,7 @@ def test_2026_end_to_end_through_main(tmp_path):
     assert asd.main(["package", "--year", "2026", "--system", "ae", "--out", tmp_path / "runs",
                      "--dest", tmp_path / "sub", "--label", "Smith_UniA_task2_2"]) == 0
     folder = tmp_path / "sub/dcase2026/ae/teams/Smith_UniA/Smith_UniA_task2_2"
-    plain = [f"{kind}_Sander_section_00_test.csv" for kind in scoring.RESULT_KINDS]
+    plain = [f"{kind}_Sander_section_00_test.csv" for kind in submission.RESULT_KINDS]
     baseline = [submission.baseline_name(2026, n) for n in plain]
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         plain + baseline + ["Smith_UniA_task2_2.meta.yaml"])
