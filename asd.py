@@ -41,6 +41,7 @@ import data
 import download
 import flags
 import plots
+import results
 import scoring
 import submission
 import synth
@@ -636,13 +637,13 @@ def cmd_evaluate(args, synthetic=False):
     result = scoring.official_score(args.year, labelled)
     paper = systems.paper_figures(args.system)         # the paper's dev-set figures, its year
     paper = paper if paper and paper["year"] == args.year and args.part == "dev" else None
-    header, rows = scoring.comparison_rows(result, with_baseline=args.part == "dev", paper=paper)
+    header, rows = results.comparison_rows(result, with_baseline=args.part == "dev", paper=paper)
     notes, extractors = run_notes(args, paper)
-    markdown = ("\n\n".join([scoring.format_markdown(header, rows), *notes])
-                + scoring.published_note(args.year, args.part))
+    markdown = ("\n\n".join([results.format_markdown(header, rows), *notes])
+                + results.published_note(args.year, args.part))
     undefined = scoring.undefined_line(result)
     text = scoring.format_table(result) + (f"\n{undefined}" if undefined else "")
-    data.write_json(out, {**result, **({"paper": scoring.paper_entry(result, paper)} if paper
+    data.write_json(out, {**result, **({"paper": results.paper_entry(result, paper)} if paper
                                        else {}),
                           **({"extractors": extractors} if extractors else {}), "notes": notes,
                           "args": {**run_args(args), **versions()}})

@@ -311,7 +311,7 @@ CAPTION = ("Per machine type: the ROC curve of every section and domain, each on
 
 def results_html(title, header, table, notes, svgs):
     """A self-contained page (XHTML, so any browser and any XML reader takes it): the results
-    table (scoring.comparison_rows), notes (lines shown under it), and the SVG figures
+    table (results.comparison_rows), notes (lines shown under it), and the SVG figures
     inline, one per machine type ({machine: svg text})."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "\n".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>"

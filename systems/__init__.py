@@ -104,7 +104,7 @@ def own_options(cls):
 
 def paper_figures(name):
     """The system's PAPER_DEV, the paper's development-set figures (a plain constant near the
-    top of its file, see scoring.paper_entry), read from the source without importing the
+    top of its file, see results.paper_entry), read from the source without importing the
     module (evaluate starts without torch); None where the file has none."""
     path = Path(__file__).with_name(f"{_entry(name)[0]}.py")
     for node in ast.parse(path.read_text()).body:

@@ -22,7 +22,7 @@ import models
 import train
 
 
-# The official baseline's published development-set figures are scoring.BASELINE_DEV, the
+# The official baseline's published development-set figures are results.BASELINE_DEV, the
 # results table's baseline column; no separate paper column.
 PAPER_DEV = None
 

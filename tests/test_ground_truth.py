@@ -10,6 +10,7 @@ import pytest
 
 import asd
 import data
+import results
 import scoring
 import submission
 import synth
@@ -120,7 +121,7 @@ def test_results_table_sets_the_published_baseline_beside_ours():
     rows = [{"machine": m, "section": s, "label": i % 2, "score": i % 2 + 0.1 * (i % 5)}
             for m in ("valve", "ToyCar") for s in (("00", "02") if m == "valve" else ("01",))
             for i in range(10)]
-    header, table = scoring.comparison_rows(scoring.official_score(2020, rows))
+    header, table = results.comparison_rows(scoring.official_score(2020, rows))
     assert header == ["machine", "section", "domain", "auc", "pauc", "score", "baseline_auc",
                       "baseline_pauc", "baseline_score"]
     by_key = {(r[0], r[1]): dict(zip(header, r)) for r in table}
@@ -130,7 +131,7 @@ def test_results_table_sets_the_published_baseline_beside_ours():
     assert by_key[("official score", "")]["baseline_score"] == pytest.approx(np.mean(
         [0.687311, 0.51349, 0.674083, 0.512281, 0.828474, 0.678514]))
     rows_2023 = [dict(r, domain="source" if r["score"] < 0.3 else "target") for r in rows]
-    _, table = scoring.comparison_rows(scoring.official_score(2023, rows_2023))
+    _, table = results.comparison_rows(scoring.official_score(2023, rows_2023))
     assert all(v is None for r in table for v in r[-4:])       # no published 2023 figures
 
 
@@ -141,7 +142,7 @@ def test_results_table_sets_each_papers_figures_beside_the_baselines():
             for s in ("00", "02") for i in range(10)]
     result = scoring.official_score(2020, rows)
     shinmura = systems.paper_figures("shinmura2020")
-    header, table = scoring.comparison_rows(result, paper=shinmura)
+    header, table = results.comparison_rows(result, paper=shinmura)
     assert header[-6:] == ["baseline_auc", "baseline_pauc", "baseline_score",
                            "paper_auc", "paper_pauc", "paper_score"]
     by_key = {(r[0], r[1]): dict(zip(header, r)) for r in table}
@@ -149,11 +150,11 @@ def test_results_table_sets_each_papers_figures_beside_the_baselines():
     assert by_key[("valve", "all")]["paper_auc"] == pytest.approx(0.9975)
     assert by_key[("valve", "all")]["paper_pauc"] is None                 # table 1 has no pAUC
     assert by_key[("official score", "")]["paper_score"] is None
-    entry = scoring.paper_entry(result, shinmura)
+    entry = results.paper_entry(result, shinmura)
     assert entry["sections"][0] == {"auc": 0.996} and entry["source"].startswith("Shinmura")
     rows_2021 = [dict(r, machine=m, domain=d) for m in ("fan", "valve") for d in ("source", "target")
                  for r in rows]
-    cai = scoring.paper_entry(scoring.official_score(2021, rows_2021), systems.paper_figures("cai2021"))
+    cai = results.paper_entry(scoring.official_score(2021, rows_2021), systems.paper_figures("cai2021"))
     assert cai["machines"]["fan"] == {"score": 0.6445} and cai["sections"] == [None] * 8
     assert cai["official_score"] is None              # Omega over 7 machine types, we have 2
     assert systems.paper_figures("ae") is None
@@ -172,7 +173,7 @@ def test_baseline_figures_agree_with_the_readmes_machine_means(year):
     """The section figures held in BASELINE_DEV give back each README's machine means: a check
     of the transcription (2022's README rounds to 4 digits)."""
     for machine, means in README_MEANS[year].items():
-        figures = [v for k, v in scoring.BASELINE_DEV[year].items() if k[0] == machine]
+        figures = [v for k, v in results.BASELINE_DEV[year].items() if k[0] == machine]
         cols = list(zip(*figures))
         got = ([np.mean(c) for c in cols] if year == 2020
                else [len(c) / sum(1 / v for v in c) for c in cols])

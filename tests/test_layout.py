@@ -14,7 +14,7 @@ import systems
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ("data", "features", "augment", "models", "encoders", "losses", "train", "detectors",
-           "scoring", "submission", "plots")
+           "scoring", "submission", "results", "plots")
 
 
 def parse(*argv):
@@ -109,6 +109,7 @@ def test_import_rules_of_the_design():
     for name in LIBRARY:
         assert not imports_of(ROOT / f"{name}.py") & {"systems", "asd"}, name
     assert not imports_of(ROOT / "scoring.py") & {"models", "detectors", "train", "torch"}
+    assert not imports_of(ROOT / "results.py") & {"models", "detectors", "train", "torch"}
     assert imports_of(ROOT / "models.py") <= {"math", "torch"}
     assert imports_of(ROOT / "encoders.py") <= {"math", "torch", "models"}
     assert imports_of(ROOT / "losses.py") <= {"math", "torch"}

@@ -13,6 +13,7 @@ import pytest
 
 import asd
 import plots
+import results
 import scoring
 import submission
 import synth
@@ -171,7 +172,7 @@ def test_nice_ticks_and_bin_edges():
 def test_results_html_is_xml_with_the_table_notes_and_figures():
     rows = _rows(2022, seed=1)
     result = scoring.official_score(2022, rows)
-    header, table = scoring.comparison_rows(result)
+    header, table = results.comparison_rows(result)
     svg = plots.machine_svg(result, rows, "valve", 3.7)
     page = plots.results_html("DCASE 2022 <ae> & co", header, table, ["official: 0.7", None],
                               {"valve": svg})
