@@ -3,11 +3,11 @@ figures (BASELINE_DEV per section, each year's source named; BASELINE_2026 over 
 and the paper's own (each system file's PAPER_DEV), as rows for results.csv and results.md
 (comparison_rows, format_markdown, published_note) and results.json's "paper" (paper_entry).
 Ours come from scoring.official_score; the published figures' means per machine type and
-official score over our sections follow the same rule of each year (scoring's _machine_summary,
-_official_figures and means, imported here). Moved from scoring.py when it passed ~650 lines
+official score over our sections follow the same rule of each year (scoring's machine_summary,
+official_figures and means, imported here). Moved from scoring.py when it passed ~650 lines
 (../shared/DESIGN.md).
 """
-from scoring import _arithmetic_mean, _harmonic_mean, _machine_summary, _official_figures
+from scoring import arithmetic_mean, harmonic_mean, machine_summary, official_figures
 
 
 # ---------------------------------------------------------------------------------------
@@ -107,13 +107,13 @@ def comparison_rows(result, *, with_baseline=True, paper=None):
                     + [(b or {}).get(k) for k in keys] + [None])
     for machine, m in result["machines"].items():
         mine = [b for r, b in zip(sections, base) if r["machine"] == machine]
-        b = _machine_summary(year, mine) if all(mine) else {}
+        b = machine_summary(year, mine) if all(mine) else {}
         rows.append([machine, "all", m["mean_rule"] + " mean"] + [m[k] for k in keys]
                     + [m["score"]] + [b.get(k) for k in keys + ["score"]])
     b_score = None
     if all(base):                      # the baseline's score over the same sections as ours
-        figures = [x for b in base for x in _official_figures(year, b)]
-        b_score = _arithmetic_mean(figures) if year == 2020 else _harmonic_mean(figures)
+        figures = [x for b in base for x in official_figures(year, b)]
+        b_score = arithmetic_mean(figures) if year == 2020 else harmonic_mean(figures)
     rows.append(["official score", "", ""] + [None] * len(keys) + [result["official_score"]]
                 + [None] * len(keys) + [b_score])
     if paper:
@@ -153,12 +153,12 @@ def _paper_machine(year, machine, figures):
     rows = figures["sections"]
     if given or not rows or not all(rows):
         return given or None
-    mean = _arithmetic_mean if year == 2020 else _harmonic_mean
+    mean = arithmetic_mean if year == 2020 else harmonic_mean
     out = {k: mean([r[k] for r in rows]) for k in rows[0] if all(k in r for r in rows)}
     if year >= 2022 and {"auc_source", "auc_target"} <= set(out):
         out["auc"] = mean([r[k] for r in rows for k in ("auc_source", "auc_target")])
     if all(k in out for k in _official_keys(year)):
-        out["score"] = mean([x for r in rows for x in _official_figures(year, r)])
+        out["score"] = mean([x for r in rows for x in official_figures(year, r)])
     return out
 
 
@@ -177,8 +177,8 @@ def paper_entry(result, paper):
                                                            "sections": rows})
     official = None
     if ours and all(p and all(k in p for k in _official_keys(year)) for p in ours):
-        figures = [x for p in ours for x in _official_figures(year, p)]
-        official = _arithmetic_mean(figures) if year == 2020 else _harmonic_mean(figures)
+        figures = [x for p in ours for x in official_figures(year, p)]
+        official = arithmetic_mean(figures) if year == 2020 else harmonic_mean(figures)
     if official is None and paper.get("machines") and set(paper["machines"]) <= set(machines):
         official = paper.get("official_score")      # per machine type figures: all of them
     return {"source": paper["source"], "sections": ours, "machines": machines,

@@ -161,14 +161,14 @@ def precision_recall_f1(y_true, y_decision):
 # ---------------------------------------------------------------------------------------
 # Official score of each year
 
-def _harmonic_mean(values):
+def harmonic_mean(values):
     """Harmonic mean with every value floored at EPS first, as the evaluators do, so that an
     AUC of 0 pulls the mean to ~0 instead of dividing by zero."""
     v = np.maximum(np.asarray(values, dtype=float), EPS)
     return float(v.size / np.sum(1.0 / v))
 
 
-def _arithmetic_mean(values):
+def arithmetic_mean(values):
     return float(np.mean(values))
 
 
@@ -305,18 +305,18 @@ def _rows_2022(machine, section, g):
     return [out]
 
 
-def _official_figures(year, row):
+def official_figures(year, row):
     """The numbers of one section row that enter the official (and per machine) score."""
     if year >= 2022:
         return [row["auc_source"], row["auc_target"], row["pauc"]]
     return [row["auc"], row["pauc"]]
 
 
-def _machine_summary(year, rows):
+def machine_summary(year, rows):
     """Per machine type means of its section rows: arithmetic in 2020, harmonic (EPS-floored)
     from 2021, as in the evaluators' "Average" / "harmonic mean" lines."""
     rule = "arithmetic" if year == 2020 else "harmonic"
-    plain = _arithmetic_mean if year == 2020 else _harmonic_mean
+    plain = arithmetic_mean if year == 2020 else harmonic_mean
 
     def mean(values):     # None where a figure is undefined (a domain absent from the test set)
         return None if any(v is None for v in values) else plain(values)
@@ -331,7 +331,7 @@ def _machine_summary(year, rows):
         out["auc"] = mean([r["auc"] for r in rows])
         metric_keys = ["precision", "recall", "f1"]
     out["pauc"] = mean([r["pauc"] for r in rows])
-    out["score"] = mean([x for r in rows for x in _official_figures(year, r)])
+    out["score"] = mean([x for r in rows for x in official_figures(year, r)])
     if any(k in rows[0] for k in ("f1", "f1_source")):
         for key in metric_keys:
             out[key] = mean([r[key] for r in rows])
@@ -368,13 +368,13 @@ def official_score(year, rows):
     make_rows = _rows_2020 if year == 2020 else _rows_2021 if year == 2021 else _rows_2022
     sections = [r for (machine, section), g in groups.items()
                 for r in make_rows(machine, section, g)]
-    figures = [x for r in sections for x in _official_figures(year, r)]
+    figures = [x for r in sections for x in official_figures(year, r)]
     # 2020 has no official single number: arithmetic mean over every ID, ASDKit's convention
     score = (None if any(x is None for x in figures) else
-             _arithmetic_mean(figures) if year == 2020 else _harmonic_mean(figures))
+             arithmetic_mean(figures) if year == 2020 else harmonic_mean(figures))
     machines = {}
     for machine in dict.fromkeys(r["machine"] for r in sections):
-        machines[machine] = _machine_summary(year, [r for r in sections if r["machine"] == machine])
+        machines[machine] = machine_summary(year, [r for r in sections if r["machine"] == machine])
     return {"year": int(year), "official_score": score, "sections": sections, "machines": machines}
 
 
